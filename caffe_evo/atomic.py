@@ -1,0 +1,87 @@
+"""Atomic writes: an output either exists complete or not at all.
+
+Files and directories are written beside their final path under a ``.partial-`` name and renamed into
+place only when complete; a crash or ``kill -9`` leaves at most a ``.partial-`` leftover, which the next
+run ignores and removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+PARTIAL_MARK = ".partial-"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_partials(parent: Path, name: str) -> None:
+    """Delete leftovers of interrupted atomic writes of ``parent/name``."""
+    if not parent.is_dir():
+        return
+    for leftover in parent.glob(f".{name}{PARTIAL_MARK}*"):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path, *, directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling path; on success rename it onto ``final``, on error delete it.
+
+    An existing ``final`` is replaced only after the new content is complete.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_partials(final.parent, final.name)
+    prefix = f".{final.name}{PARTIAL_MARK}"
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, dir=final.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if directory:
+            if final.exists():
+                shutil.rmtree(final)
+        else:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o644)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")

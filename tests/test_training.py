@@ -1,0 +1,152 @@
+"""Training through pycaffe on real MNIST, and the driver's handling of bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import no_partials
+
+from caffe_evo.caffe_env import load_caffe
+from caffe_evo.errors import CaffeEvoError
+from caffe_evo.recipe import Recipe
+from caffe_evo.training import TrainOptions, train
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Path:
+    out = tmp_path_factory.mktemp("train") / "lenet5"
+    recipe = Recipe.load(Path(__file__).parent.parent / "prototxt" / "lenet5", data_root)
+    train(recipe, out, TrainOptions(max_iter=120, seed=7, progress=False))
+    return out
+
+
+def test_short_training_lowers_the_loss(short_run: Path) -> None:
+    lines = (short_run / "loss.csv").read_text().splitlines()[1:]
+    losses = [float(line.split(",")[1]) for line in lines]
+    assert losses[-1] < 0.6 * losses[0]
+    metrics = json.loads((short_run / "metrics.json").read_text())
+    assert metrics["iterations"] == 120 and metrics["seed"] == 7
+    assert 0.7 < metrics["test_accuracy"] <= 1.0 and 0.7 < metrics["val_accuracy"] <= 1.0
+
+
+def test_outputs_are_plain_caffe(short_run: Path) -> None:
+    caffe = load_caffe()
+    net = caffe.Net(str(short_run / "deploy.prototxt"), str(short_run / "weights.caffemodel"), caffe.TEST)
+    assert np.abs(net.params["conv1"][0].data).sum() > 0
+    solver = caffe.get_solver(str(short_run / "solver.prototxt"))
+    solver.restore(str(short_run / "weights.solverstate"))
+    assert solver.iter == 120
+    assert np.array_equal(solver.net.params["ip2"][0].data, net.params["ip2"][0].data)
+    assert no_partials(short_run.parent)
+
+
+def test_same_seed_same_weights(short_run: Path, data_root: Path, tmp_path: Path) -> None:
+    recipe = Recipe.load(Path(__file__).parent.parent / "prototxt" / "lenet5", data_root)
+    again = tmp_path / "again"
+    train(recipe, again, TrainOptions(max_iter=120, seed=7, progress=False))
+    assert (again / "weights.caffemodel").read_bytes() == (short_run / "weights.caffemodel").read_bytes()
+
+
+def test_existing_output_is_refused(short_run: Path, data_root: Path, lenet5: Path) -> None:
+    with pytest.raises(CaffeEvoError, match="already exists"):
+        train(Recipe.load(lenet5, data_root), short_run, TrainOptions(max_iter=1, progress=False))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "caffe_evo.cli", *args], capture_output=True, text=True)
+
+
+def _assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("caffe-evo: ") and fragment in lines[0], lines
+
+
+def test_corrupt_caffemodel(lenet5: Path, data_root: Path, tmp_path: Path, short_run: Path) -> None:
+    bad = tmp_path / "bad.caffemodel"
+    bad.write_bytes((short_run / "weights.caffemodel").read_bytes()[:5000])
+    out = tmp_path / "out"
+    result = _cli(
+        "train",
+        "--recipe",
+        str(lenet5),
+        "--data-root",
+        str(data_root),
+        "--out",
+        str(out),
+        "--iters",
+        "1",
+        "--weights",
+        str(bad),
+        "--no-progress",
+    )
+    _assert_one_line_error(result, "not a valid caffemodel")
+    assert not out.exists() and no_partials(tmp_path)
+
+
+def test_weights_that_do_not_match(lenet5: Path, data_root: Path, tmp_path: Path, short_run: Path) -> None:
+    wide = tmp_path / "wide"
+    shutil.copytree(lenet5, wide)
+    net = (wide / "train_val.prototxt").read_text().replace("num_output: 500", "num_output: 400")
+    (wide / "train_val.prototxt").write_text(net)
+    out = tmp_path / "out"
+    result = _cli(
+        "train",
+        "--recipe",
+        str(wide),
+        "--data-root",
+        str(data_root),
+        "--out",
+        str(out),
+        "--iters",
+        "1",
+        "--weights",
+        str(short_run / "weights.caffemodel"),
+        "--no-progress",
+    )
+    _assert_one_line_error(result, "layer 'ip1' blob 0 is (500, 800) in the weights, (400, 800) in the net")
+    assert not out.exists() and no_partials(tmp_path)
+
+
+def test_net_caffe_cannot_build(lenet5: Path, data_root: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(lenet5, broken)
+    net = (broken / "train_val.prototxt").read_text().replace('bottom: "pool2"', 'bottom: "nowhere"')
+    (broken / "train_val.prototxt").write_text(net)
+    out = tmp_path / "out"
+    result = _cli(
+        "train",
+        "--recipe",
+        str(broken),
+        "--data-root",
+        str(data_root),
+        "--out",
+        str(out),
+        "--iters",
+        "1",
+        "--no-progress",
+    )
+    _assert_one_line_error(result, "Caffe cannot build the nets of recipe broken")
+    assert "nowhere" in result.stderr
+    assert not out.exists() and no_partials(tmp_path)
+
+
+def test_nonsense_iterations(lenet5: Path, data_root: Path, tmp_path: Path) -> None:
+    result = _cli(
+        "train",
+        "--recipe",
+        str(lenet5),
+        "--data-root",
+        str(data_root),
+        "--out",
+        str(tmp_path / "o"),
+        "--iters",
+        "-5",
+    )
+    _assert_one_line_error(result, "--iters must be positive")
