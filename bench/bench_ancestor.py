@@ -35,7 +35,9 @@ def main() -> None:
     print(f"iterations: {metrics['iterations']} (batch 64, seed {metrics['seed']})")
     print(f"test accuracy (official 10,000): {100 * metrics['test_accuracy']:.2f}%")
     print(f"validation accuracy (5,000 held out of train): {100 * metrics['val_accuracy']:.2f}%")
-    print(f"training wall time: {metrics['train_seconds']:.1f} s, {metrics['iterations_per_second']:.1f} it/s")
+    print(
+        f"training wall time: {metrics['train_seconds']:.1f} s, {metrics['iterations_per_second']:.1f} it/s"
+    )
     print(f"whole run incl. net set-up, testing and writing: {wall:.1f} s")
 
 

@@ -60,6 +60,101 @@ def _cmd_train(args: argparse.Namespace) -> None:
     )
 
 
+# `evolve` options that set a field of EncodingConfig, and the field.
+_ENCODING_OPTIONS = {
+    "encoding": "level",
+    "reading": "reading",
+    "normaliser": "normaliser",
+    "aggregate": "aggregate",
+    "granularity": "granularity",
+}
+# `evolve` options that set the EvolutionConfig field of the same name.
+_RUN_OPTIONS = (
+    "recipe generations population seed synapse_factor cluster_factor factor_mode init "
+    "iters_per_generation ancestor ancestor_iters accuracy_floor max_accuracy_drop max_attempts layers "
+    "data_root allow_python_layers"
+).split()
+
+
+def _load_config_file(path: Path) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise CaffeEvoError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise CaffeEvoError(f"{path}: not valid YAML/JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise CaffeEvoError(f"{path}: expected a mapping of option names to values")
+    return data
+
+
+def evolution_config(args: argparse.Namespace) -> dict:
+    """The run configuration: the config file (if any), overridden by the options given."""
+    config = _load_config_file(args.config) if args.config else {}
+    encoding = dict(config.get("encoding") or {})
+    for option, key in _ENCODING_OPTIONS.items():
+        if getattr(args, option) is not None:
+            encoding[key] = getattr(args, option)
+    if encoding:
+        config["encoding"] = encoding
+    for key in _RUN_OPTIONS:
+        value = getattr(args, key)
+        if value is not None and value is not False:
+            config[key] = str(value) if isinstance(value, Path) else value
+    if "recipe" not in config:
+        raise CaffeEvoError("evolve needs --recipe (or `recipe:` in --config), or --resume RUN")
+    return config
+
+
+def _cmd_evolve(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from caffe_evo import evolution, lineage
+    from caffe_evo.caffe_env import load_caffe
+
+    load_caffe(args.verbose)
+    if args.resume is not None:
+        run = args.resume
+        evo = evolution.resume(run, progress=not args.no_progress)
+    else:
+        if args.out is None:
+            raise CaffeEvoError("evolve needs --out RUN for a new run, or --resume RUN")
+        run = args.out
+        config = evolution.EvolutionConfig.from_json(evolution_config(args))
+        evo = evolution.start(config, run, progress=not args.no_progress)
+
+    def report(m: dict) -> None:
+        tqdm.write(
+            f"gen {m['generation']:>2}: {m['synapses']:,} synapses ({m['synaptic_efficiency']:.2f}x), "
+            f"{m['clusters']:,} clusters ({m['cluster_efficiency']:.2f}x), "
+            f"val {100 * m['val_accuracy']:.2f}%, test {100 * m['test_accuracy']:.2f}%, "
+            f"{m['train_seconds']:.1f} s"
+        )
+
+    evo.run(on_generation=report)
+    print(lineage.table(run))
+
+
+def _cmd_lineage(args: argparse.Namespace) -> None:
+    from caffe_evo import lineage
+
+    lineage.read_run(args.run)
+    print(lineage.table(args.run))
+
+
+def _fraction(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _layer_list(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="caffe-evo", description="Evolutionary deep intelligence on Caffe.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +178,46 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--verbose", action="store_true", help="show Caffe's own log")
     train.set_defaults(func=_cmd_train)
+
+    evolve = sub.add_parser(
+        "evolve",
+        help="evolutionary synthesis over generations",
+        description="Unset options take the --config file's value, else EvolutionConfig's default.",
+    )
+    evolve.add_argument("--recipe", type=Path, help="recipe folder")
+    evolve.add_argument("--out", type=Path, help="new run folder")
+    evolve.add_argument("--resume", type=Path, metavar="RUN", help="continue the run in RUN (its run.json)")
+    evolve.add_argument("--config", type=Path, help="YAML or JSON file of options (keys as in run.json)")
+    evolve.add_argument("--generations", type=int)
+    evolve.add_argument("--population", type=int, help="offspring per generation (K)")
+    evolve.add_argument("--seed", type=int)
+    evolve.add_argument("--encoding", help="synapse | cluster")
+    evolve.add_argument("--reading", help="exp_shifted: exp(|w|/Z - 1) | exp_minus_one: exp(|w|/Z) - 1")
+    evolve.add_argument("--normaliser", help="per-layer Z: max | rms")
+    evolve.add_argument("--aggregate", help="cluster strength: sum | l2 | mean")
+    evolve.add_argument("--granularity", help="cluster: kernel (per output map) | channel (per 2-D kernel)")
+    evolve.add_argument("--synapse-factor", help="environmental factor, e.g. 0.8 or a schedule 0.9,0.8,0.7")
+    evolve.add_argument("--cluster-factor", help="environmental factor at the cluster level")
+    evolve.add_argument(
+        "--factor-mode", help="survival (expected surviving fraction) | multiplier (literal F)"
+    )
+    evolve.add_argument("--init", help="inherit (fine-tune survivors) | reinit (layer fillers)")
+    evolve.add_argument("--iters-per-generation", type=int)
+    evolve.add_argument("--ancestor", type=Path, help="a `caffe-evo train` output folder to start from")
+    evolve.add_argument("--ancestor-iters", type=int, help="iterations to train the ancestor")
+    evolve.add_argument("--accuracy-floor", type=_fraction, help="absolute validation accuracy floor")
+    evolve.add_argument("--max-accuracy-drop", type=_fraction, help="floor = ancestor's val accuracy - this")
+    evolve.add_argument("--max-attempts", type=int, help="re-samplings of a generation before stopping")
+    evolve.add_argument("--layers", type=_layer_list, help="comma-separated layers that evolve")
+    evolve.add_argument("--data-root", type=Path)
+    evolve.add_argument("--allow-python-layers", action="store_true")
+    evolve.add_argument("--no-progress", action="store_true")
+    evolve.add_argument("--verbose", action="store_true")
+    evolve.set_defaults(func=_cmd_evolve)
+
+    show = sub.add_parser("lineage", help="print a run's generation table")
+    show.add_argument("run", type=Path)
+    show.set_defaults(func=_cmd_lineage)
     return parser
 
 

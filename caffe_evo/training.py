@@ -8,6 +8,7 @@ atomically, so an interrupted run leaves nothing that looks finished.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,10 +18,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from caffe_evo import atomic
+from caffe_evo import atomic, masking
 from caffe_evo.caffe_env import caffe_pb2, check_nets_build, load_caffe
 from caffe_evo.errors import CaffeEvoError
-from caffe_evo.recipe import DEPLOY_FILE, TRAIN_VAL_FILE, Recipe
+from caffe_evo.recipe import DEPLOY_FILE, SOLVER_FILE, TRAIN_VAL_FILE, Recipe
 from caffe_evo.weights import check_matches, read_caffemodel
 
 WEIGHTS_FILE = "weights.caffemodel"
@@ -32,8 +33,8 @@ LOSS_FILE = "loss.csv"
 # Python round trip is negligible next to Caffe's own work.
 _STEP_CHUNK = 20
 
-# A hook called after every solver.step() chunk, e.g. to re-apply pruning masks.
-StepHook = Callable[[Any], None]
+# Called inside the atomic write of a training folder: (folder, metrics) -> metrics to store.
+Finalizer = Callable[[Path, dict[str, Any]], dict[str, Any]]
 
 
 @dataclass
@@ -43,6 +44,8 @@ class TrainOptions:
     max_iter: int | None = None
     seed: int | None = None
     weights: Path | None = None  # initial weights (fine-tuning); None = the recipe's fillers
+    init_params: dict[str, list[np.ndarray]] | None = None  # initial blobs by layer, set after `weights`
+    weight_masks: dict[str, np.ndarray] | None = None  # pruned synapses (False) stay exactly 0.0
     solver_overrides: dict[str, Any] = field(default_factory=dict)
     verbose: bool = False
     progress: bool = True
@@ -73,6 +76,28 @@ def test_all(solver: Any, recipe: Recipe) -> dict[str, dict[str, float]]:
     return results
 
 
+def relocate(src: Path, work: Path, final: Path) -> None:
+    """Copy the training folder ``src`` into ``work`` (to be renamed to ``final``), re-pointing its paths.
+
+    Large files are hard-linked; the solver's ``net`` and ``snapshot_prefix`` and the solver state's
+    ``learned_net`` are rewritten to point inside ``final``.
+    """
+    from google.protobuf import text_format
+
+    src, final = Path(src).resolve(), Path(final).resolve()
+    for item in src.iterdir():
+        if item.name in (SOLVER_FILE, SOLVERSTATE_FILE):
+            continue
+        os.link(item, work / item.name)
+    solver = caffe_pb2().SolverParameter()
+    text_format.Merge((src / SOLVER_FILE).read_text(), solver)
+    solver.net = str(final / Path(solver.net).name)
+    solver.snapshot_prefix = str(final / Path(solver.snapshot_prefix).name)
+    (work / SOLVER_FILE).write_text(text_format.MessageToString(solver))
+    (work / SOLVERSTATE_FILE).write_bytes((src / SOLVERSTATE_FILE).read_bytes())
+    _relocate_solverstate(work / SOLVERSTATE_FILE, final / WEIGHTS_FILE)
+
+
 def _relocate_solverstate(path: Path, weights: Path) -> None:
     """Point the snapshot's ``learned_net`` at where the weights will finally live."""
     state = caffe_pb2().SolverState()
@@ -88,7 +113,6 @@ def run_solver(
     *,
     progress: bool,
     description: str,
-    after_step: StepHook | None = None,
 ) -> tuple[list[tuple[int, float]], float]:
     """Step the solver ``iterations`` times; return the loss curve and the pure solver time in seconds."""
     curve: list[tuple[int, float]] = []
@@ -100,8 +124,6 @@ def run_solver(
         start = time.perf_counter()
         solver.step(chunk)
         solver_seconds += time.perf_counter() - start
-        if after_step is not None:
-            after_step(solver)
         done += chunk
         loss = sum(float(solver.net.blobs[name].data) for name in loss_names)
         if not math.isfinite(loss):
@@ -114,8 +136,14 @@ def run_solver(
     return curve, solver_seconds
 
 
-def train(recipe: Recipe, out: Path, options: TrainOptions | None = None) -> dict[str, Any]:
-    """Train ``recipe`` with Caffe's solver into the new folder ``out``; return its metrics."""
+def train(
+    recipe: Recipe, out: Path, options: TrainOptions | None = None, finalize: Finalizer | None = None
+) -> dict[str, Any]:
+    """Train ``recipe`` with Caffe's solver into the new folder ``out``; return its metrics.
+
+    ``finalize(folder, metrics)`` runs before the folder is renamed into place, so that what it adds
+    (masks, extra metrics) is part of the same atomic write; it returns the metrics to store.
+    """
     options = options or TrainOptions()
     out = Path(out).resolve()
     if out.exists():
@@ -142,6 +170,14 @@ def train(recipe: Recipe, out: Path, options: TrainOptions | None = None) -> dic
             stored = read_caffemodel(options.weights)
             check_matches(solver.net, stored, options.weights, recipe.folder / recipe.solver.net)
             solver.net.copy_from(str(options.weights))
+        for name, arrays in (options.init_params or {}).items():
+            for blob, array in zip(solver.net.params[name], arrays, strict=True):
+                blob.data[...] = array
+        gradient_mask = None
+        if options.weight_masks is not None:
+            masks = masking.from_weight_masks(options.weight_masks, solver.net)
+            masking.apply(solver.net, masks)
+            gradient_mask = masking.GradientMask(solver.net, masks).attach(solver)
         started = time.perf_counter()
         curve, solver_seconds = run_solver(
             solver,
@@ -151,6 +187,8 @@ def train(recipe: Recipe, out: Path, options: TrainOptions | None = None) -> dic
             description=f"train {recipe.name}",
         )
         train_seconds = time.perf_counter() - started
+        if gradient_mask is not None and (bad := masking.violations(solver.net, masks)):
+            raise RuntimeError(f"masked training left {bad} pruned parameters non-zero")
         results = test_all(solver, recipe)
         solver.snapshot()
         _collect_snapshot(work, recipe, solver.iter)
@@ -168,10 +206,13 @@ def train(recipe: Recipe, out: Path, options: TrainOptions | None = None) -> dic
             "train_seconds": round(train_seconds, 3),
             "solver_seconds": round(solver_seconds, 3),
             "iterations_per_second": round(max_iter / train_seconds, 2),
+            "mask_seconds": round(gradient_mask.seconds, 3) if gradient_mask else 0.0,
             "final_loss": curve[-1][1],
             "caffe_version": caffe.__version__,
             **{f"{name}_{key}": value for name, res in results.items() for key, value in res.items()},
         }
+        if finalize is not None:
+            metrics = finalize(work, metrics)
         atomic.write_json(work / METRICS_FILE, metrics)
     return metrics
 

@@ -1,0 +1,358 @@
+"""The evolutionary synthesis loop: heredity, random mutation and natural selection over Caffe generations.
+
+Generation g: the parent's synaptic strengths give its genetic encoding (:mod:`caffe_evo.encoding`);
+K offspring masks are sampled from it under the environment (:mod:`caffe_evo.synthesis`); each offspring
+is trained with Caffe's solver with its mask enforced (:mod:`caffe_evo.masking`); the fittest on the
+validation set survives (:mod:`caffe_evo.selection`) and is the next parent. Everything lands in the
+lineage folder (:mod:`caffe_evo.lineage`), and :func:`evolve` resumes from whatever is complete there.
+
+Randomness: offspring g, attempt a, candidate k draws its mask from ``SeedSequence([seed, g, a, k])``
+and trains with a Caffe seed derived from the same sequence, so a run is reproducible from its seed
+and a resumed run ends with exactly the lineage of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from caffe_evo import atomic, lineage, masking, netstats, selection
+from caffe_evo.caffe_env import load_caffe
+from caffe_evo.encoding import EncodingConfig, bias_mask, encode
+from caffe_evo.errors import CaffeEvoError
+from caffe_evo.recipe import DEPLOY_FILE, Recipe
+from caffe_evo.synthesis import Environment, Factor, sample_offspring
+from caffe_evo.training import METRICS_FILE, WEIGHTS_FILE, TrainOptions, relocate, train
+from caffe_evo.weights import check_matches, read_caffemodel
+
+EVOLVABLE_TYPES = ("Convolution", "InnerProduct")
+INIT_MODES = ("inherit", "reinit")
+
+
+@dataclass
+class EvolutionConfig:
+    """Everything that defines a run; stored in ``run.json`` and reloaded by ``--resume``.
+
+    Defaults follow ``METHOD.md``'s observations on LeNet-5/MNIST (cluster-driven encoding, reading
+    exp(|w|/Z - 1), Z = layer max, survival-rate environment, inherited weights fine-tuned 1,500 iterations);
+    ``bench/bench_evolution.py`` is where they are compared.
+    """
+
+    recipe: str
+    generations: int = 13
+    population: int = 1
+    seed: int = 0
+    encoding: EncodingConfig = field(default_factory=EncodingConfig)
+    synapse_factor: str = "0.8"  # a value in (0, 1], or a per-generation schedule "0.9,0.8,0.7"
+    cluster_factor: str = "0.9"
+    factor_mode: str = "survival"  # "survival": expected surviving fraction; "multiplier": literal F
+    init: str = "inherit"  # "inherit": fine-tune the surviving weights; "reinit": the layers' fillers
+    iters_per_generation: int = 1500
+    ancestor: str | None = None  # a `caffe-evo train` output folder; None = train one
+    ancestor_iters: int | None = None  # None = the recipe's max_iter
+    accuracy_floor: float | None = None  # absolute validation accuracy; None = ancestor's - max drop
+    max_accuracy_drop: float = 0.03
+    max_attempts: int = 3
+    layers: list[str] | None = None  # layers that evolve; None = every Convolution and InnerProduct
+    data_root: str | None = None
+    allow_python_layers: bool = False
+    solver_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def environment(self) -> Environment:
+        return Environment(
+            synapse=Factor.parse(self.synapse_factor, self.factor_mode),
+            cluster=Factor.parse(self.cluster_factor, self.factor_mode),
+        )
+
+    def validate(self) -> None:
+        """Refuse nonsense before anything is written."""
+        if self.generations < 1:
+            raise CaffeEvoError(f"--generations must be at least 1, got {self.generations}")
+        if self.population < 1:
+            raise CaffeEvoError(f"--population must be at least 1, got {self.population}")
+        if self.max_attempts < 1:
+            raise CaffeEvoError(f"--max-attempts must be at least 1, got {self.max_attempts}")
+        if self.iters_per_generation < 1:
+            raise CaffeEvoError(f"--iters-per-generation must be positive, got {self.iters_per_generation}")
+        if self.ancestor_iters is not None and self.ancestor_iters < 1:
+            raise CaffeEvoError(f"--ancestor-iters must be positive, got {self.ancestor_iters}")
+        if self.init not in INIT_MODES:
+            raise CaffeEvoError(f"unknown --init {self.init!r}; choose from {', '.join(INIT_MODES)}")
+        if self.accuracy_floor is not None and not 0.0 <= self.accuracy_floor <= 1.0:
+            raise CaffeEvoError(f"--accuracy-floor must be in [0, 1], got {self.accuracy_floor}")
+        if not 0.0 <= self.max_accuracy_drop <= 1.0:
+            raise CaffeEvoError(f"--max-accuracy-drop must be in [0, 1], got {self.max_accuracy_drop}")
+        self.environment()
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> EvolutionConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CaffeEvoError(f"unknown configuration keys: {', '.join(unknown)}")
+        values = dict(data)
+        if isinstance(values.get("encoding"), dict):
+            values["encoding"] = EncodingConfig(**values["encoding"])
+        for key in ("synapse_factor", "cluster_factor"):
+            if key in values:
+                values[key] = str(values[key])
+        return cls(**values)
+
+
+@dataclass
+class Parent:
+    """What a generation needs from its parent."""
+
+    generation: int
+    params: dict[str, list[np.ndarray]]  # layer -> [weights, bias] as stored (fp32)
+    masks: dict[str, np.ndarray]  # evolvable layer -> bool synapse mask
+
+
+def evolvable_layers(recipe: Recipe, selected: list[str] | None) -> tuple[list[str], frozenset[str]]:
+    """All Convolution/InnerProduct layers in net order, and the protected final classifier."""
+    layers = [layer.name for layer in recipe.deploy.layer if layer.type in EVOLVABLE_TYPES]
+    if not layers:
+        raise CaffeEvoError(f"recipe {recipe.name}: no Convolution or InnerProduct layer to evolve")
+    if selected is not None:
+        unknown = [name for name in selected if name not in layers]
+        if unknown:
+            raise CaffeEvoError(
+                f"recipe {recipe.name}: cannot evolve {', '.join(unknown)}; evolvable: {', '.join(layers)}"
+            )
+    return layers, frozenset(layers[-1:])
+
+
+def read_params(deploy: Path, weights: Path) -> dict[str, list[np.ndarray]]:
+    """Every learnable blob of ``weights`` (loaded through pycaffe with ``deploy``) as numpy copies."""
+    caffe = load_caffe()
+    net = caffe.Net(str(deploy), str(weights), caffe.TEST)
+    return {name: [blob.data.copy() for blob in blobs] for name, blobs in net.params.items()}
+
+
+def offspring_init(
+    parent: Parent, masks: dict[str, np.ndarray], init: str
+) -> dict[str, list[np.ndarray]] | None:
+    """Inherited, masked weights (heredity) or None (the recipe's fillers, masked by the trainer)."""
+    if init == "reinit":
+        return None
+    inherited = {}
+    for name, blobs in parent.params.items():
+        if name in masks:
+            keep = masks[name]
+            blobs = [blobs[0] * keep, *(b * bias_mask(keep) for b in blobs[1:])]
+        inherited[name] = blobs
+    return inherited
+
+
+def _seeds(seed: int, generation: int, attempt: int, candidate: int) -> tuple[np.random.Generator, int]:
+    sequence = np.random.SeedSequence([seed, generation, attempt, candidate])
+    mask_seq, caffe_seq = sequence.spawn(2)
+    return np.random.default_rng(mask_seq), int(caffe_seq.generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def _versions() -> dict[str, str]:
+    import caffe_evo
+
+    caffe = load_caffe()
+    return {
+        "caffe_evo": caffe_evo.__version__,
+        "caffe": caffe.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+class Evolution:
+    """One run folder; :meth:`run` carries it from wherever it stands to its last generation."""
+
+    def __init__(self, config: EvolutionConfig, run: Path, progress: bool = True) -> None:
+        config.validate()
+        self.config = config
+        self.run_dir = Path(run).resolve()
+        self.progress = progress
+        data_root = Path(config.data_root) if config.data_root else None
+        self.recipe = Recipe.load(Path(config.recipe), data_root, config.allow_python_layers)
+        self.layers, self.protected = evolvable_layers(self.recipe, config.layers)
+        self.evolving = config.layers or self.layers
+        self.environment = config.environment()
+        self.granularity = config.encoding.granularity
+
+    # -- the ancestor -------------------------------------------------------------------------------------
+
+    def _ancestor(self) -> dict[str, Any]:
+        gen_dir = lineage.generation_dir(self.run_dir, 0)
+        if (gen_dir / METRICS_FILE).is_file():
+            return lineage.read_json(gen_dir / METRICS_FILE)
+        if self.config.ancestor is None:
+            options = TrainOptions(
+                max_iter=self.config.ancestor_iters,
+                seed=self.config.seed,
+                solver_overrides=self.config.solver_overrides,
+                progress=self.progress,
+            )
+            return train(self.recipe, gen_dir, options, finalize=self._finalize_ancestor)
+        source = Path(self.config.ancestor)
+        with atomic.atomic_path(gen_dir, directory=True) as work:
+            relocate(source, work, gen_dir)
+            metrics = self._finalize_ancestor(work, lineage.read_json(source / METRICS_FILE))
+            atomic.write_json(work / METRICS_FILE, metrics)
+        return metrics
+
+    def _finalize_ancestor(self, folder: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+        params = read_params(folder / DEPLOY_FILE, folder / WEIGHTS_FILE)
+        masks = {name: params[name][0] != 0 for name in self.layers}
+        masking.save(folder / lineage.MASKS_FILE, masks)
+        counts = netstats.totals(netstats.layer_counts(masks, self.granularity))
+        return {
+            **metrics,
+            **netstats.efficiency_report(masks, counts, self.granularity),
+            "generation": 0,
+            "ancestor_synapses": counts["synapses"],
+            "ancestor_clusters": counts["clusters"],
+        }
+
+    def _check_ancestor_source(self) -> None:
+        if self.config.ancestor is None:
+            return
+        source = Path(self.config.ancestor)
+        for name in (WEIGHTS_FILE, METRICS_FILE, DEPLOY_FILE):
+            if not (source / name).is_file():
+                raise CaffeEvoError(
+                    f"--ancestor {source}: no {name} (expected a `caffe-evo train` output folder)"
+                )
+        stored = read_caffemodel(source / WEIGHTS_FILE)
+        caffe = load_caffe()
+        net = caffe.Net(str(self.recipe.folder / DEPLOY_FILE), caffe.TEST)
+        check_matches(net, stored, source / WEIGHTS_FILE, self.recipe.folder / DEPLOY_FILE)
+
+    # -- one generation -----------------------------------------------------------------------------------
+
+    def _parent(self, generation: int) -> Parent:
+        gen_dir = lineage.generation_dir(self.run_dir, generation)
+        params = read_params(gen_dir / DEPLOY_FILE, gen_dir / WEIGHTS_FILE)
+        return Parent(generation, params, masking.load(gen_dir / lineage.MASKS_FILE))
+
+    def _candidate(
+        self, parent: Parent, dna: dict, generation: int, attempt: int, k: int, ancestor: dict[str, Any]
+    ) -> dict[str, Any]:
+        folder = lineage.candidate_dir(self.run_dir, generation, attempt, k)
+        if (folder / METRICS_FILE).is_file():
+            return lineage.read_json(folder / METRICS_FILE)
+        rng, caffe_seed = _seeds(self.config.seed, generation, attempt, k)
+        sampled = sample_offspring(dna, parent.masks, self.environment, generation, rng, self.protected)
+        masks = {name: sampled.get(name, parent.masks[name]) for name in self.layers}
+        options = TrainOptions(
+            max_iter=self.config.iters_per_generation,
+            seed=caffe_seed,
+            init_params=offspring_init(parent, masks, self.config.init),
+            weight_masks=masks,
+            solver_overrides=self.config.solver_overrides,
+            progress=self.progress,
+        )
+        ancestor_counts = {
+            "synapses": ancestor["ancestor_synapses"],
+            "clusters": ancestor["ancestor_clusters"],
+        }
+
+        def finalize(work: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+            masking.save(work / lineage.MASKS_FILE, masks)
+            return {
+                **metrics,
+                **netstats.efficiency_report(masks, ancestor_counts, self.granularity),
+                "generation": generation,
+                "attempt": attempt,
+                "candidate": k,
+                "parent_generation": parent.generation,
+                "mask_seed": [self.config.seed, generation, attempt, k],
+                "environment": {
+                    "synapse": self.environment.synapse.at(generation),
+                    "cluster": self.environment.cluster.at(generation),
+                    "mode": self.config.factor_mode,
+                },
+            }
+
+        return train(self.recipe, folder, options, finalize=finalize)
+
+    def _generation(self, generation: int, ancestor: dict[str, Any], floor: float) -> dict[str, Any]:
+        parent = self._parent(generation - 1)
+        weights = {name: parent.params[name][0] for name in self.evolving}
+        dna = encode(
+            weights, {n: parent.masks[n] for n in self.evolving}, self.config.encoding, self.protected
+        )
+        tried: list[dict[str, Any]] = []
+        for attempt in range(self.config.max_attempts):
+            candidates = [
+                self._candidate(parent, dna, generation, attempt, k, ancestor)
+                for k in range(self.config.population)
+            ]
+            tried += candidates
+            winner = selection.fittest(candidates, floor)
+            if winner is not None:
+                break
+        else:
+            best = max(c["val_accuracy"] for c in tried)
+            raise CaffeEvoError(
+                f"generation {generation}: no offspring reached the validation accuracy floor {floor:.4f} in "
+                f"{self.config.max_attempts} attempts (best {best:.4f}); lineage kept up to generation "
+                f"{generation - 1} in {self.run_dir}"
+            )
+        source = lineage.candidate_dir(self.run_dir, generation, winner["attempt"], winner["candidate"])
+        gen_dir = lineage.generation_dir(self.run_dir, generation)
+        metrics = {**winner, "selection": selection.summary(tried, winner, floor)}
+        with atomic.atomic_path(gen_dir, directory=True) as work:
+            relocate(source, work, gen_dir)
+            atomic.write_json(work / METRICS_FILE, metrics)
+        return metrics
+
+    # -- the run ------------------------------------------------------------------------------------------
+
+    def run(self, on_generation: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+        """Carry the run to its last generation; returns every generation's metrics."""
+        run_file = self.run_dir / lineage.RUN_FILE
+        if not run_file.is_file():
+            self._check_ancestor_source()
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic.write_json(run_file, {"config": self.config.to_json(), "versions": _versions()})
+        ancestor = self._ancestor()
+        floor = self.config.accuracy_floor
+        if floor is None:
+            floor = ancestor["val_accuracy"] - self.config.max_accuracy_drop
+        history = [ancestor]
+        if on_generation is not None:
+            on_generation(ancestor)
+        bar = tqdm(range(1, self.config.generations + 1), desc="generations", disable=not self.progress)
+        for generation in bar:
+            gen_file = lineage.generation_dir(self.run_dir, generation) / METRICS_FILE
+            if gen_file.is_file():
+                metrics = lineage.read_json(gen_file)
+            else:
+                metrics = self._generation(generation, ancestor, floor)
+            history.append(metrics)
+            if on_generation is not None:
+                on_generation(metrics)
+        bar.close()
+        return history
+
+
+def start(config: EvolutionConfig, run: Path, progress: bool = True) -> Evolution:
+    """A new run in the folder ``run``, which must not exist yet (nothing is written on bad input)."""
+    run = Path(run)
+    if run.exists():
+        raise CaffeEvoError(f"{run}: already exists; use --resume {run} to continue it")
+    return Evolution(config, run, progress)
+
+
+def resume(run: Path, progress: bool = True) -> Evolution:
+    """The run in ``run``, reconfigured from its ``run.json``."""
+    stored = lineage.read_run(Path(run))
+    return Evolution(EvolutionConfig.from_json(stored["config"]), Path(run), progress)
