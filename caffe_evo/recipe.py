@@ -85,6 +85,7 @@ class Recipe:
     train_val: Any  # caffe_pb2.NetParameter, sources absolute
     deploy: Any  # caffe_pb2.NetParameter
     data_root: Path
+    builds: bool = False  # set once Caffe has been seen to build these nets
 
     @property
     def name(self) -> str:

@@ -161,10 +161,13 @@ def train(
     max_iter = overrides.get("max_iter", recipe.solver.max_iter)
 
     with atomic.atomic_path(out, directory=True) as work:
+        setup_started = time.perf_counter()
         solver_path = recipe.write_resolved(work, work, **overrides)
-        check_nets_build(
-            [(work / TRAIN_VAL_FILE, "TRAIN"), (work / DEPLOY_FILE, "TEST")], f"recipe {recipe.name}"
-        )
+        if not recipe.builds:
+            check_nets_build(
+                [(work / TRAIN_VAL_FILE, "TRAIN"), (work / DEPLOY_FILE, "TEST")], f"recipe {recipe.name}"
+            )
+            recipe.builds = True  # the probe costs a process start; once per recipe is enough
         solver = caffe.get_solver(str(solver_path))
         if options.weights is not None:
             stored = read_caffemodel(options.weights)
@@ -179,6 +182,7 @@ def train(
             masking.apply(solver.net, masks)
             gradient_mask = masking.GradientMask(solver.net, masks).attach(solver)
         started = time.perf_counter()
+        setup_seconds = started - setup_started
         curve, solver_seconds = run_solver(
             solver,
             max_iter,
@@ -189,7 +193,9 @@ def train(
         train_seconds = time.perf_counter() - started
         if gradient_mask is not None and (bad := masking.violations(solver.net, masks)):
             raise RuntimeError(f"masked training left {bad} pruned parameters non-zero")
+        eval_started = time.perf_counter()
         results = test_all(solver, recipe)
+        eval_seconds = time.perf_counter() - eval_started
         solver.snapshot()
         _collect_snapshot(work, recipe, solver.iter)
         _relocate_solverstate(work / SOLVERSTATE_FILE, out / WEIGHTS_FILE)
@@ -205,6 +211,8 @@ def train(
             "init_weights": str(options.weights) if options.weights else None,
             "train_seconds": round(train_seconds, 3),
             "solver_seconds": round(solver_seconds, 3),
+            "setup_seconds": round(setup_seconds, 3),
+            "eval_seconds": round(eval_seconds, 3),
             "iterations_per_second": round(max_iter / train_seconds, 2),
             "mask_seconds": round(gradient_mask.seconds, 3) if gradient_mask else 0.0,
             "final_loss": curve[-1][1],

@@ -1,0 +1,98 @@
+"""Benchmark: LeNet-5 on the official MNIST split, N generations per encoding, beside the published figures.
+
+    .venv/bin/python bench/bench_evolution.py --ancestor runs/bench-ancestor [--generations 13] \
+        [--encodings synapse,cluster] [--seed 0] [--out runs/bench-evolution] [EvolutionConfig overrides]
+
+For each encoding it runs a whole lineage through the Python API and prints the generation table,
+the published cluster-paper figures, the run's wall time and where that time went: pure Caffe solver
+time, the mask callback, Caffe's evaluation passes, and the rest of the engine (net set-up, encoding,
+sampling, bookkeeping, I/O). Overrides are `key=value` pairs of EvolutionConfig fields, e.g.
+`synapse_factor=0.8 cluster_factor=0.9 init=reinit`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+from caffe_evo import lineage
+from caffe_evo.encoding import EncodingConfig
+from caffe_evo.evolution import EvolutionConfig, start
+
+ROOT = Path(__file__).resolve().parent.parent
+PUBLISHED = "published (cluster-driven, LeNet-5/MNIST, gen 13): ~125x synapses, 9.71x clusters, -1.7 points"
+
+
+def time_breakdown(history: list[dict], wall: float) -> dict[str, float]:
+    """Seconds by category over the offspring generations (the ancestor is excluded)."""
+    offspring = history[1:]
+    mask = sum(m["mask_seconds"] for m in offspring)
+    solver = sum(m["solver_seconds"] for m in offspring) - mask
+    evaluation = sum(m["eval_seconds"] for m in offspring)
+    setup = sum(m["setup_seconds"] for m in offspring)
+    return {
+        "wall": wall,
+        "caffe_solver": solver,
+        "caffe_eval": evaluation,
+        "caffe_net_setup": setup,
+        "mask_callback": mask,
+        "engine_rest": wall - solver - evaluation - setup - mask,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ancestor", type=Path, required=True, help="a `caffe-evo train` output folder")
+    parser.add_argument("--generations", type=int, default=13)
+    parser.add_argument("--encodings", default="synapse,cluster")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-evolution")
+    parser.add_argument("overrides", nargs="*", help="EvolutionConfig key=value")
+    args = parser.parse_args()
+    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.overrides)}
+
+    for level in args.encodings.split(","):
+        run = args.out / f"{level}-seed{args.seed}"
+        shutil.rmtree(run, ignore_errors=True)
+        config = EvolutionConfig.from_json(
+            {
+                "recipe": str(ROOT / "prototxt" / "lenet5"),
+                "generations": args.generations,
+                "seed": args.seed,
+                "ancestor": str(args.ancestor.resolve()),
+                "data_root": str(ROOT / "data"),
+                **overrides,
+                "encoding": {**overrides.get("encoding", {}), "level": level},
+            }
+        )
+        assert isinstance(config.encoding, EncodingConfig)
+        started = time.perf_counter()
+        history = start(config, run, progress=False).run()
+        wall = time.perf_counter() - started
+        breakdown = time_breakdown(history, wall)
+        last, first = history[-1], history[0]
+        print(f"\n== {level}-level encoding, seed {args.seed}, {run}")
+        print(f"config: {json.dumps(config.to_json(), sort_keys=True)}")
+        print(lineage.table(run))
+        drop = 100 * (first["test_accuracy"] - last["test_accuracy"])
+        print(
+            f"generation {last['generation']}: {last['synaptic_efficiency']:.2f}x synapses, "
+            f"{last['cluster_efficiency']:.2f}x clusters, test accuracy -{drop:.2f} points"
+        )
+        print(PUBLISHED)
+        overhead = breakdown["mask_callback"] + breakdown["engine_rest"]
+        print(
+            "time (s): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in breakdown.items())
+            + f"; engine overhead (mask + rest) = {100 * overhead / breakdown['caffe_solver']:.1f}% "
+            "of the pure solver time"
+        )
+
+
+if __name__ == "__main__":
+    main()
