@@ -10,8 +10,10 @@ import os
 import re
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 from types import ModuleType
+from typing import Any, Protocol
 
 from caffe_evo.errors import CaffeEvoError
 
@@ -64,3 +66,32 @@ def check_nets_build(nets: list[tuple[Path, str]], label: str) -> None:
     fatal = [m.group(1) for line in lines if (m := _GLOG_FATAL.match(line))]
     reason = fatal[0] if fatal else (lines[-1] if lines else f"exit code {result.returncode}")
     raise CaffeEvoError(f"Caffe cannot build the nets of {label}: {reason}")
+
+
+class SolverCallback(Protocol):
+    """Caffe's Solver::Callback: called before each iteration, and between backward pass and update."""
+
+    def on_start(self) -> None: ...
+
+    def on_gradients_ready(self) -> None: ...
+
+
+def add_solver_callback(solver: Any, handler: SolverCallback) -> None:
+    """Register ``handler`` with a pycaffe solver without keeping it alive.
+
+    pycaffe never frees what ``add_callback`` receives, so a handler holding a net would keep that net,
+    and its Data layers, alive for the whole process; this fork's DataReader then serves a later net
+    reading the same LMDB layer nothing, and Caffe waits forever. Caffe therefore gets two small
+    functions that hold only a weak reference; the caller keeps the handler for the training run.
+    """
+    ref = weakref.ref(handler)
+
+    def on_start() -> None:
+        if (alive := ref()) is not None:
+            alive.on_start()
+
+    def on_gradients_ready() -> None:
+        if (alive := ref()) is not None:
+            alive.on_gradients_ready()
+
+    solver.add_callback(on_start, on_gradients_ready)

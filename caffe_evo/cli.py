@@ -49,6 +49,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
         max_iter=args.iters,
         seed=args.seed,
         weights=args.weights,
+        precision=args.precision,
         verbose=args.verbose,
         progress=not args.no_progress,
     )
@@ -72,7 +73,7 @@ _ENCODING_OPTIONS = {
 _RUN_OPTIONS = (
     "recipe generations population seed synapse_factor cluster_factor factor_mode init "
     "iters_per_generation ancestor ancestor_iters accuracy_floor max_accuracy_drop max_attempts layers "
-    "data_root allow_python_layers"
+    "data_root allow_python_layers precision stress_level stress_strength stress_period"
 ).split()
 
 
@@ -174,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, help="override the solver's random_seed")
     train.add_argument("--weights", type=Path, help="initialise from this caffemodel (fine-tune)")
     train.add_argument("--data-root", type=Path, help="root for relative data sources")
+    train.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16: restrict the trained weights")
     train.add_argument("--allow-python-layers", action="store_true", help="accept Python layers (user code)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--verbose", action="store_true", help="show Caffe's own log")
@@ -209,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     evolve.add_argument("--max-accuracy-drop", type=_fraction, help="floor = ancestor's val accuracy - this")
     evolve.add_argument("--max-attempts", type=int, help="re-samplings of a generation before stopping")
     evolve.add_argument("--layers", type=_layer_list, help="comma-separated layers that evolve")
+    evolve.add_argument("--precision", help="fp32 | fp16 | bf16: restrict weights after each generation")
+    evolve.add_argument("--stress-level", help="off | synapse | cluster (StressedNets)")
+    evolve.add_argument("--stress-strength", help="attenuation s in [0, 1), or a schedule 0.5,0.2")
+    evolve.add_argument("--stress-period", type=int, help="stress every k iterations")
     evolve.add_argument("--data-root", type=Path)
     evolve.add_argument("--allow-python-layers", action="store_true")
     evolve.add_argument("--no-progress", action="store_true")

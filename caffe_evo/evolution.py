@@ -27,7 +27,9 @@ from caffe_evo import atomic, lineage, masking, netstats, selection
 from caffe_evo.caffe_env import load_caffe
 from caffe_evo.encoding import EncodingConfig, bias_mask, encode
 from caffe_evo.errors import CaffeEvoError
+from caffe_evo.precision import check_choice
 from caffe_evo.recipe import DEPLOY_FILE, Recipe
+from caffe_evo.stress import StressConfig, StressSignal
 from caffe_evo.synthesis import Environment, Factor, sample_offspring
 from caffe_evo.training import METRICS_FILE, WEIGHTS_FILE, TrainOptions, relocate, train
 from caffe_evo.weights import check_matches, read_caffemodel
@@ -61,6 +63,10 @@ class EvolutionConfig:
     max_accuracy_drop: float = 0.03
     max_attempts: int = 3
     layers: list[str] | None = None  # layers that evolve; None = every Convolution and InnerProduct
+    precision: str = "fp32"  # "fp16"/"bf16": restrict weights after each generation's training
+    stress_level: str = "off"  # "synapse" | "cluster": StressedNets' training-time stress
+    stress_strength: str = "0.0"  # attenuation s, or a per-generation schedule "0.5,0.2,0"
+    stress_period: int = 10  # stress every k iterations
     data_root: str | None = None
     allow_python_layers: bool = False
     solver_overrides: dict[str, Any] = field(default_factory=dict)
@@ -69,6 +75,11 @@ class EvolutionConfig:
         return Environment(
             synapse=Factor.parse(self.synapse_factor, self.factor_mode),
             cluster=Factor.parse(self.cluster_factor, self.factor_mode),
+        )
+
+    def stress(self) -> StressConfig:
+        return StressConfig(
+            self.stress_level, _parse_schedule(self.stress_strength, "stress strength"), self.stress_period
         )
 
     def validate(self) -> None:
@@ -90,6 +101,8 @@ class EvolutionConfig:
         if not 0.0 <= self.max_accuracy_drop <= 1.0:
             raise CaffeEvoError(f"--max-accuracy-drop must be in [0, 1], got {self.max_accuracy_drop}")
         self.environment()
+        self.stress()
+        check_choice(self.precision)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -103,10 +116,17 @@ class EvolutionConfig:
         values = dict(data)
         if isinstance(values.get("encoding"), dict):
             values["encoding"] = EncodingConfig(**values["encoding"])
-        for key in ("synapse_factor", "cluster_factor"):
+        for key in ("synapse_factor", "cluster_factor", "stress_strength"):
             if key in values:
                 values[key] = str(values[key])
         return cls(**values)
+
+
+def _parse_schedule(text: str, what: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in str(text).split(","))
+    except ValueError:
+        raise CaffeEvoError(f"{what} must be a number or a comma-separated schedule, got {text!r}") from None
 
 
 @dataclass
@@ -154,10 +174,21 @@ def offspring_init(
     return inherited
 
 
-def _seeds(seed: int, generation: int, attempt: int, candidate: int) -> tuple[np.random.Generator, int]:
-    sequence = np.random.SeedSequence([seed, generation, attempt, candidate])
-    mask_seq, caffe_seq = sequence.spawn(2)
-    return np.random.default_rng(mask_seq), int(caffe_seq.generate_state(1)[0] & 0x7FFFFFFF)
+@dataclass
+class CandidateSeeds:
+    """The independent random streams of one offspring, all from ``SeedSequence([seed, g, a, k])``."""
+
+    mask: np.random.Generator
+    caffe: int
+    stress: np.random.Generator
+
+    @classmethod
+    def of(cls, seed: int, generation: int, attempt: int, candidate: int) -> CandidateSeeds:
+        mask_seq, caffe_seq, stress_seq = np.random.SeedSequence(
+            [seed, generation, attempt, candidate]
+        ).spawn(3)
+        caffe_seed = int(caffe_seq.generate_state(1)[0] & 0x7FFFFFFF)
+        return cls(np.random.default_rng(mask_seq), caffe_seed, np.random.default_rng(stress_seq))
 
 
 def _versions() -> dict[str, str]:
@@ -197,6 +228,7 @@ class Evolution:
             options = TrainOptions(
                 max_iter=self.config.ancestor_iters,
                 seed=self.config.seed,
+                precision=self.config.precision,
                 solver_overrides=self.config.solver_overrides,
                 progress=self.progress,
             )
@@ -237,6 +269,17 @@ class Evolution:
 
     # -- one generation -----------------------------------------------------------------------------------
 
+    def _stress_signal(
+        self, generation: int, masks: dict[str, np.ndarray], rng: np.random.Generator
+    ) -> StressSignal | None:
+        stress = self.config.stress()
+        if not stress.active:
+            return None
+        evolving = {name: masks[name] for name in self.evolving}
+        return StressSignal(
+            stress, self.config.encoding, self.environment, generation, evolving, self.protected, rng
+        )
+
     def _parent(self, generation: int) -> Parent:
         gen_dir = lineage.generation_dir(self.run_dir, generation)
         params = read_params(gen_dir / DEPLOY_FILE, gen_dir / WEIGHTS_FILE)
@@ -248,14 +291,18 @@ class Evolution:
         folder = lineage.candidate_dir(self.run_dir, generation, attempt, k)
         if (folder / METRICS_FILE).is_file():
             return lineage.read_json(folder / METRICS_FILE)
-        rng, caffe_seed = _seeds(self.config.seed, generation, attempt, k)
-        sampled = sample_offspring(dna, parent.masks, self.environment, generation, rng, self.protected)
+        seeds = CandidateSeeds.of(self.config.seed, generation, attempt, k)
+        sampled = sample_offspring(
+            dna, parent.masks, self.environment, generation, seeds.mask, self.protected
+        )
         masks = {name: sampled.get(name, parent.masks[name]) for name in self.layers}
         options = TrainOptions(
             max_iter=self.config.iters_per_generation,
-            seed=caffe_seed,
+            seed=seeds.caffe,
             init_params=offspring_init(parent, masks, self.config.init),
             weight_masks=masks,
+            precision=self.config.precision,
+            stress=self._stress_signal(generation, masks, seeds.stress),
             solver_overrides=self.config.solver_overrides,
             progress=self.progress,
         )

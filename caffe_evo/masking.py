@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from caffe_evo import atomic
+from caffe_evo.caffe_env import add_solver_callback
 from caffe_evo.errors import CaffeEvoError
 
 # layer name -> one 0/1 float32 array per learnable blob of the layer (weights, then bias)
@@ -76,7 +77,7 @@ class GradientMask:
         self.seconds += time.perf_counter() - start
 
     def attach(self, solver: Any) -> GradientMask:
-        solver.add_callback(self.on_start, self.on_gradients_ready)
+        add_solver_callback(solver, self)
         return self
 
 

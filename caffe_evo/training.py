@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from caffe_evo import atomic, masking
+from caffe_evo import atomic, masking, precision
 from caffe_evo.caffe_env import caffe_pb2, check_nets_build, load_caffe
 from caffe_evo.errors import CaffeEvoError
 from caffe_evo.recipe import DEPLOY_FILE, SOLVER_FILE, TRAIN_VAL_FILE, Recipe
+from caffe_evo.stress import StressSignal
 from caffe_evo.weights import check_matches, read_caffemodel
 
 WEIGHTS_FILE = "weights.caffemodel"
@@ -46,6 +47,8 @@ class TrainOptions:
     weights: Path | None = None  # initial weights (fine-tuning); None = the recipe's fillers
     init_params: dict[str, list[np.ndarray]] | None = None  # initial blobs by layer, set after `weights`
     weight_masks: dict[str, np.ndarray] | None = None  # pruned synapses (False) stay exactly 0.0
+    precision: str = "fp32"  # restrict the trained weights to this format (see caffe_evo.precision)
+    stress: StressSignal | None = None  # training-time stress (see caffe_evo.stress)
     solver_overrides: dict[str, Any] = field(default_factory=dict)
     verbose: bool = False
     progress: bool = True
@@ -148,6 +151,7 @@ def train(
     out = Path(out).resolve()
     if out.exists():
         raise CaffeEvoError(f"{out}: output folder already exists (choose another --out or remove it)")
+    precision.check_choice(options.precision)
     if options.max_iter is not None and options.max_iter <= 0:
         raise CaffeEvoError(f"--iters must be positive, got {options.max_iter}")
     caffe = load_caffe(options.verbose)
@@ -181,6 +185,8 @@ def train(
             masks = masking.from_weight_masks(options.weight_masks, solver.net)
             masking.apply(solver.net, masks)
             gradient_mask = masking.GradientMask(solver.net, masks).attach(solver)
+        if options.stress is not None:
+            options.stress.attach(solver)
         started = time.perf_counter()
         setup_seconds = started - setup_started
         curve, solver_seconds = run_solver(
@@ -194,6 +200,19 @@ def train(
         if gradient_mask is not None and (bad := masking.violations(solver.net, masks)):
             raise RuntimeError(f"masked training left {bad} pruned parameters non-zero")
         eval_started = time.perf_counter()
+        restricted: dict[str, Any] = {}
+        if options.precision != "fp32":
+            unrestricted = test_all(solver, recipe)
+            report = precision.restrict_net(solver.net, options.precision)
+            precision.export(solver.net, work / f"weights_{options.precision}.npz", options.precision)
+            restricted = {
+                "restriction": report.to_json(),
+                **{
+                    f"{name}_{key}_fp32": value
+                    for name, res in unrestricted.items()
+                    for key, value in res.items()
+                },
+            }
         results = test_all(solver, recipe)
         eval_seconds = time.perf_counter() - eval_started
         solver.snapshot()
@@ -218,6 +237,9 @@ def train(
             "final_loss": curve[-1][1],
             "caffe_version": caffe.__version__,
             **{f"{name}_{key}": value for name, res in results.items() for key, value in res.items()},
+            "precision": options.precision,
+            "stress": options.stress.summary() if options.stress else None,
+            **restricted,
         }
         if finalize is not None:
             metrics = finalize(work, metrics)

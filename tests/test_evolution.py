@@ -75,11 +75,12 @@ def test_pruned_weights_stay_zero_after_every_iteration(
     weight_masks["ip1"][7] = False  # a whole dead neuron: its bias must die too
     masks = masking.from_weight_masks(weight_masks, solver.net)
     masking.apply(solver.net, masks)
-    masking.GradientMask(solver.net, masks).attach(solver)
+    gradient_mask = masking.GradientMask(solver.net, masks).attach(solver)  # Caffe holds it weakly
     before = solver.net.params["conv2"][0].data.copy()
     for _ in range(15):
         solver.step(1)
         assert masking.violations(solver.net, masks) == 0
+    assert gradient_mask.seconds > 0  # the callback did run
     assert solver.net.params["ip1"][1].data[7] == 0.0
     after = solver.net.params["conv2"][0].data
     assert np.any(after[weight_masks["conv2"]] != before[weight_masks["conv2"]])  # the living ones learn

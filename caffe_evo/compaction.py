@@ -1,0 +1,527 @@
+"""Compaction: rewrite a masked network as a smaller dense Caffe network that computes the same function.
+
+A mask makes nothing faster (METHOD.md section 6): Caffe multiplies the zeros all the same. Compaction
+removes dead clusters physically: a Convolution/InnerProduct output channel leaves the network, with the
+matching input channels of every consumer, when no reader needs it. A reader does not need a channel when
+it has no living synapse on it, or when the channel is one known constant (a neuron without living
+synapses outputs its bias; ReLU, BatchNorm, Scale, pooling, ... map it to another constant) that the
+reader folds into its own bias. Folding into a Convolution needs ``pad == 0``, so that every output sees
+the whole kernel; a zero constant needs no folding at all.
+
+Channels are tracked as classes: a channel-wise layer (ReLU, BatchNorm, Pooling, ...) passes channel i
+to channel i, Concat stacks its inputs' channels, and Eltwise ties channel i of all its inputs and its
+output together. A class is removed whole or kept whole, so every blob keeps a consistent channel set.
+Net inputs and outputs, and the inputs of layers that mix channels (Softmax, LRN ACROSS_CHANNELS), are
+kept, as are the channels a grouped convolution needs for equal groups and one channel of any blob that
+would otherwise be empty.
+
+The compact network is checked before it is published: it and the masked network run on the same random
+input and must agree.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from caffe_evo import atomic, masking
+from caffe_evo.caffe_env import caffe_pb2, check_nets_build, load_caffe
+from caffe_evo.errors import CaffeEvoError
+from caffe_evo.recipe import DEPLOY_FILE, parse_prototxt, to_prototxt
+from caffe_evo.training import WEIGHTS_FILE
+from caffe_evo.weights import check_matches, read_caffemodel
+
+_WEIGHTED = ("Convolution", "InnerProduct")
+# Besides these, Concat and Eltwise: every other layer maps input channel i to output channel i, except
+# Softmax and LRN ACROSS_CHANNELS, which mix channels and so keep all of theirs.
+_SUPPORTED = frozenset(
+    "Input Convolution InnerProduct Concat Eltwise Softmax "
+    "ReLU PReLU Dropout BatchNorm Scale Bias Flatten Split Pooling LRN".split()
+)
+# The self-check allows float32 rounding: folded biases are summed in another order than Caffe's.
+_SELF_CHECK_TOLERANCE = 1e-4
+
+
+@dataclass
+class _Blob:
+    """One value of a named blob: an in-place layer (top == bottom) makes a new version of the same name."""
+
+    name: str
+    channels: int
+    inner: int  # values per channel and sample (H*W); Flatten keeps it, so InnerProduct finds its blocks
+    nodes: np.ndarray  # the channel-class node of each channel
+    const: np.ndarray  # per channel: its value if that is one constant for every input and position, else NaN
+
+
+@dataclass
+class _Step:
+    """A layer with the blob versions it reads and writes, and for Convolution/InnerProduct what it reads."""
+
+    layer: Any  # caffe_pb2.LayerParameter
+    bottoms: list[_Blob]
+    params: list[np.ndarray]
+    tops: list[_Blob] | None = None
+    blocking: np.ndarray | None = None  # (out, C): output j reads input channel i and cannot fold it
+    fold: np.ndarray | None = None  # input channels holding a non-zero constant that can be folded
+    fold_sums: np.ndarray | None = None  # (out, len(fold)): output j's weight sum over each such channel
+
+
+def _unsupported(layer: Any, why: str) -> CaffeEvoError:
+    return CaffeEvoError(f"layer '{layer.name}' ({layer.type}): {why}; compaction does not support it")
+
+
+def _single_bottom(step: _Step) -> _Blob:
+    layer = step.layer
+    if len(step.bottoms) != 1 or (len(layer.top) != 1 and layer.type != "Split"):
+        raise _unsupported(layer, f"{len(step.bottoms)} bottoms and {len(layer.top)} tops")
+    return step.bottoms[0]
+
+
+def _per_input_channel(step: _Step, values: np.ndarray, channels: np.ndarray, reduce: Any) -> np.ndarray:
+    """``reduce`` of each output's weight-shaped ``values`` over the taps of each input channel in
+    ``channels``: shape (out, len(channels)), 0 where a channel lies outside the output's group."""
+    bottom, out = step.bottoms[0], values.shape[0]
+    if step.layer.type == "InnerProduct":
+        return reduce(values.reshape(out, bottom.channels, bottom.inner)[:, channels], axis=2)
+    groups = step.layer.convolution_param.group
+    per_group = bottom.channels // groups
+    same_group = (np.arange(out)[:, None] // (out // groups)) == (channels // per_group)[None, :]
+    return reduce(values.reshape(out, per_group, -1)[:, channels % per_group], axis=2) * same_group
+
+
+def _padded(layer: Any) -> bool:
+    param = layer.convolution_param if layer.type == "Convolution" else layer.pooling_param
+    pads = list(param.pad) if layer.type == "Convolution" else [param.pad]
+    return any(pads) or bool(param.pad_h or param.pad_w)
+
+
+class _Analysis:
+    """Blob versions, channel classes and constants of a net, then which classes must stay."""
+
+    def __init__(self, proto: Any, net: Any) -> None:
+        self._parent: list[int] = []
+        self.blobs: list[_Blob] = []
+        self.steps: list[_Step] = []
+        self.notes: list[str] = []
+        self._kept_for: dict[str, int] = {}  # layer -> channels kept only to keep its groups equal
+        seeds: list[_Blob] = []  # blobs whose channels all stay
+        current: dict[str, _Blob] = {}
+        for name in proto.input:  # legacy `input:` fields
+            current[name] = self._fresh(name, net.blobs[name].data.shape)
+            seeds.append(current[name])
+        built = set(net._layer_names)
+        for layer in proto.layer:
+            if layer.name not in built:  # excluded from the TEST phase
+                continue
+            params = [blob.data for blob in net.params[layer.name]] if layer.name in net.params else []
+            step = _Step(layer, [current[name] for name in layer.bottom], params)
+            step.tops = self._transfer(step, net, seeds)
+            current.update((top.name, top) for top in step.tops)
+            self.steps.append(step)
+        seeds += [current[name] for name in net.outputs]
+        self._root = np.array([self._find(node) for node in range(len(self._parent))], dtype=np.int64)
+        self._pinned = np.zeros(len(self._parent), dtype=bool)
+        for blob in seeds:
+            self.pin(blob, np.arange(blob.channels))
+
+    # -- channel classes (union-find over nodes) --
+
+    def _new_nodes(self, count: int) -> np.ndarray:
+        start = len(self._parent)
+        self._parent.extend(range(start, start + count))
+        return np.arange(start, start + count)
+
+    def _find(self, node: int) -> int:
+        while self._parent[node] != node:
+            self._parent[node] = self._parent[self._parent[node]]
+            node = self._parent[node]
+        return node
+
+    def _fresh(self, name: str, shape: tuple[int, ...], const: np.ndarray | None = None) -> _Blob:
+        channels = shape[1] if len(shape) > 1 else 1
+        const = np.full(channels, np.nan) if const is None else const
+        blob = _Blob(name, channels, math.prod(shape[2:]), self._new_nodes(channels), const)
+        self.blobs.append(blob)
+        return blob
+
+    def _derived(self, name: str, nodes: np.ndarray, inner: int, const: np.ndarray) -> _Blob:
+        """A blob whose channels are (tied to) channels of blobs before it."""
+        blob = _Blob(name, len(nodes), inner, nodes, const)
+        self.blobs.append(blob)
+        return blob
+
+    def keep(self, blob: _Blob) -> np.ndarray:
+        return self._pinned[self._root[blob.nodes]]
+
+    def pin(self, blob: _Blob, channels: np.ndarray) -> bool:
+        """Keep these channels' classes; True if that changed anything."""
+        roots = self._root[blob.nodes[channels]]
+        changed = not self._pinned[roots].all()
+        self._pinned[roots] = True
+        return changed
+
+    # -- forward pass: shapes, classes, constants --
+
+    def _transfer(self, step: _Step, net: Any, seeds: list[_Blob]) -> list[_Blob]:
+        layer, kind = step.layer, step.layer.type
+        if kind == "Input":
+            tops = [self._fresh(name, net.blobs[name].data.shape) for name in layer.top]
+            seeds.extend(tops)
+            return tops
+        if kind in _WEIGHTED:
+            return [self._weighted(step, net.blobs[layer.top[0]].data.shape)]
+        if kind == "Concat":
+            return [self._concat(step)]
+        if kind == "Eltwise":
+            return [self._eltwise(step)]
+        bottom = _single_bottom(step)
+        if kind == "Softmax" or (
+            kind == "LRN" and layer.lrn_param.norm_region == layer.lrn_param.ACROSS_CHANNELS
+        ):
+            seeds.append(bottom)
+            if kind == "LRN":
+                self.notes.append(
+                    f"{layer.name}: LRN ACROSS_CHANNELS mixes neighbouring channels, so the "
+                    f"{bottom.channels} channels flowing into it are kept"
+                )
+        const = np.full(bottom.channels, np.nan) if kind == "Softmax" else self._channel_const(step, bottom)
+        # Pooling changes H*W; Flatten keeps its input's per-channel blocks for the InnerProduct after it.
+        inner = {name: math.prod(net.blobs[name].data.shape[2:]) for name in layer.top}
+        return [
+            self._derived(name, bottom.nodes, bottom.inner if kind == "Flatten" else inner[name], const)
+            for name in layer.top
+        ]
+
+    def _channel_const(self, step: _Step, bottom: _Blob) -> np.ndarray:
+        """The constant channels after a channel-wise layer (float64, as exact as Caffe's float32 allows)."""
+        layer, c, params = step.layer, bottom.const, [p.astype(np.float64) for p in step.params]
+        per_channel = {"BatchNorm": params[:2], "Scale": params, "Bias": params}.get(layer.type, [])
+        if layer.type == "PReLU" and not layer.prelu_param.channel_shared:
+            per_channel = params
+        if any(p.shape != (bottom.channels,) for p in per_channel):
+            raise _unsupported(layer, f"parameters are not one per channel of its {bottom.channels} channels")
+        if layer.type in ("Scale", "Bias"):
+            param = layer.scale_param if layer.type == "Scale" else layer.bias_param
+            if param.axis != 1 or param.num_axes != 1:
+                raise _unsupported(layer, "axis and num_axes other than 1")
+        if layer.type == "ReLU":
+            return np.where(c > 0, c, c * layer.relu_param.negative_slope)
+        if layer.type == "PReLU":
+            return np.where(c > 0, c, c * params[0])
+        if layer.type == "BatchNorm":
+            bn = layer.batch_norm_param
+            if bn.HasField("use_global_stats") and not bn.use_global_stats:
+                raise _unsupported(layer, "batch statistics at test time (use_global_stats: false)")
+            factor = 0.0 if params[2][0] == 0 else 1.0 / params[2][0]
+            return (c - params[0] * factor) / np.sqrt(params[1] * factor + bn.eps)
+        if layer.type == "Scale":
+            return c * params[0] + (params[1] if len(params) > 1 else 0.0)
+        if layer.type == "Bias":
+            return c + params[0]
+        if layer.type == "Flatten" and (layer.flatten_param.axis != 1 or layer.flatten_param.end_axis != -1):
+            raise _unsupported(layer, "flattening other than all axes after the channels")
+        if layer.type == "Pooling":
+            pool = layer.pooling_param
+            if len(layer.top) != 1:
+                raise _unsupported(layer, "a second (mask) top")
+            # MAX only looks at positions inside the image; AVE divides by a window that counts the padding.
+            if pool.pool == pool.MAX or (pool.pool == pool.AVE and not _padded(layer)):
+                return c
+        if layer.type in ("Pooling", "LRN"):
+            return np.where(c == 0, 0.0, np.nan)  # a zero channel stays zero; other constants blur at borders
+        return c  # Dropout (the identity at test time), Flatten, Split
+
+    def _weighted(self, step: _Step, top_shape: tuple[int, ...]) -> _Blob:
+        layer, bottom = step.layer, _single_bottom(step)
+        conv = layer.type == "Convolution"
+        param = layer.convolution_param if conv else layer.inner_product_param
+        if param.axis != 1 or (not conv and param.transpose):
+            raise _unsupported(layer, "axis other than 1 or transposed weights")
+        weights = step.params[0]
+        if not conv and weights.shape[1] != bottom.channels * bottom.inner:
+            raise _unsupported(
+                layer, f"{weights.shape[1]} inputs for {bottom.channels}x{bottom.inner} values"
+            )
+        c = bottom.const
+        foldable = (c == 0) if conv and _padded(layer) else np.isfinite(c)
+        step.blocking = _per_input_channel(step, weights != 0, np.arange(bottom.channels), np.any) & ~foldable
+        step.fold = np.flatnonzero(foldable & (c != 0))
+        step.fold_sums = _per_input_channel(step, weights, step.fold, partial(np.sum, dtype=np.float64))
+        bias = step.params[1].astype(np.float64) if param.bias_term else 0.0
+        const = np.where(step.blocking.any(axis=1), np.nan, bias + step.fold_sums @ c[step.fold])
+        return self._fresh(layer.top[0], top_shape, const)
+
+    def _concat(self, step: _Step) -> _Blob:
+        layer, bottoms = step.layer, step.bottoms
+        param = layer.concat_param
+        axis = param.concat_dim if param.HasField("concat_dim") else param.axis
+        if axis != 1 or len({b.inner for b in bottoms}) != 1 or len(layer.top) != 1:
+            raise _unsupported(layer, "concatenation other than of equally shaped channels (axis 1)")
+        const = np.concatenate([b.const for b in bottoms])
+        return self._derived(
+            layer.top[0], np.concatenate([b.nodes for b in bottoms]), bottoms[0].inner, const
+        )
+
+    def _eltwise(self, step: _Step) -> _Blob:
+        layer, bottoms = step.layer, step.bottoms
+        if len(layer.top) != 1:
+            raise _unsupported(layer, f"{len(layer.top)} tops")
+        for other in bottoms[1:]:  # channel i of every input is removed together or kept together
+            for a, b in zip(bottoms[0].nodes, other.nodes, strict=True):
+                self._parent[self._find(int(b))] = self._find(int(a))
+        consts, param = np.stack([b.const for b in bottoms]), layer.eltwise_param
+        if param.operation == param.PROD:
+            const = np.where((consts == 0).any(axis=0), 0.0, consts.prod(axis=0))
+        elif param.operation == param.SUM:
+            coeffs = np.array(list(param.coeff) or [1.0] * len(bottoms), dtype=np.float64)
+            const = coeffs @ consts
+        else:
+            const = consts.max(axis=0)
+        return self._derived(layer.top[0], bottoms[0].nodes, bottoms[0].inner, const)
+
+    # -- decision: the smallest set of kept classes that serves every reader --
+
+    def decide(self) -> None:
+        """Keep what kept outputs read and cannot fold, balanced groups, and one channel per blob."""
+        weighted = [s for s in reversed(self.steps) if s.blocking is not None]
+        grouped = [
+            s for s in weighted if s.layer.type == "Convolution" and s.layer.convolution_param.group > 1
+        ]
+        changed = True
+        while changed:
+            changed = False
+            for step in weighted:
+                needed = step.blocking[self.keep(step.tops[0])].any(axis=0)
+                changed |= self.pin(step.bottoms[0], np.flatnonzero(needed))
+            for step in grouped:
+                for blob in (step.bottoms[0], step.tops[0]):
+                    changed |= self._balance(blob, step.layer)
+            for blob in self.blobs:
+                if blob.channels and not self.keep(blob).any():
+                    self.notes.append(f"blob '{blob.name}': every channel was removable; channel 0 kept")
+                    changed |= self.pin(blob, np.array([0]))
+        self.notes += [
+            f"{name}: {count} removable channel(s) kept so that its groups stay equal"
+            for name, count in self._kept_for.items()
+        ]
+
+    def _balance(self, blob: _Blob, layer: Any) -> bool:
+        """Caffe needs as many channels in every group: keep removable ones where a group has fewer."""
+        keep = self.keep(blob).reshape(layer.convolution_param.group, -1)
+        short = keep.sum(axis=1).max() - keep.sum(axis=1)
+        extra = [
+            np.flatnonzero(~row)[:n] + g * keep.shape[1]
+            for g, (row, n) in enumerate(zip(keep, short, strict=True))
+        ]
+        extra_channels = np.concatenate(extra)
+        if not len(extra_channels):
+            return False
+        self._kept_for[layer.name] = self._kept_for.get(layer.name, 0) + len(extra_channels)
+        return self.pin(blob, extra_channels)
+
+    # -- the compact network --
+
+    def rewrite(self, proto: Any) -> tuple[Any, dict[str, list[np.ndarray]], dict[str, dict[str, Any]]]:
+        """The compact NetParameter, its parameter blobs by layer, and per-layer channel counts."""
+        compact = type(proto)()
+        compact.CopyFrom(proto)
+        del compact.layer[:]
+        params: dict[str, list[np.ndarray]] = {}
+        layers: dict[str, dict[str, Any]] = {}
+        for step in self.steps:
+            layer = compact.layer.add()
+            layer.CopyFrom(step.layer)
+            if step.blocking is not None:
+                params[layer.name], layers[layer.name] = self._rewrite_weighted(step, layer)
+            elif step.params:  # channel-wise parameters (BatchNorm's scale factor is not one of them)
+                bottom = step.bottoms[0]
+                keep = self.keep(bottom)
+                params[layer.name] = [
+                    p[keep] if p.shape == (bottom.channels,) else p.copy() for p in step.params
+                ]
+        return compact, params, layers
+
+    def _rewrite_weighted(self, step: _Step, layer: Any) -> tuple[list[np.ndarray], dict[str, Any]]:
+        bottom, out = step.bottoms[0], step.params[0].shape[0]
+        keep_in, keep_out = self.keep(bottom), self.keep(step.tops[0])
+        weights, rows = step.params[0], np.flatnonzero(keep_out)
+        param = layer.convolution_param if layer.type == "Convolution" else layer.inner_product_param
+        removed = ~keep_in[step.fold]
+        delta = step.fold_sums[:, removed] @ bottom.const[step.fold[removed]]
+        if layer.type == "Convolution":  # kept inputs are balanced: as many per group, in group order
+            per_group = bottom.channels // param.group
+            local = np.flatnonzero(keep_in).reshape(param.group, -1) % per_group
+            new_weights = weights[rows[:, None], local[rows // (out // param.group)]]
+        else:
+            columns = (np.flatnonzero(keep_in)[:, None] * bottom.inner + np.arange(bottom.inner)).ravel()
+            new_weights = weights[rows][:, columns]
+        bias = step.params[1].astype(np.float64) if param.bias_term else np.zeros(out)
+        new_bias = (bias + delta)[rows]
+        blobs = [new_weights]
+        if not param.bias_term and new_bias.any():  # a folded constant needs a bias where there was none
+            param.bias_term = True
+        if param.bias_term:
+            blobs.append(new_bias.astype(np.float32))
+        param.num_output = len(rows)
+        counts = {
+            "type": layer.type,
+            "channels": out,
+            "kept": len(rows),
+            "removed": out - len(rows),
+            "folded": int(np.count_nonzero(step.fold_sums[:, removed].any(axis=0))),
+        }
+        return blobs, counts
+
+
+def _load(deploy: Path, weights: Path | None) -> Any:
+    """A pycaffe TEST net of ``deploy`` holding ``weights``, after the checks that spare Caffe an abort."""
+    if not deploy.is_file():
+        raise CaffeEvoError(f"{deploy}: file not found")
+    stored = None if weights is None else read_caffemodel(weights)
+    check_nets_build([(deploy, "TEST")], str(deploy))
+    caffe = load_caffe()
+    net = caffe.Net(str(deploy), caffe.TEST)
+    if weights is not None:
+        check_matches(net, stored, weights, deploy)
+        net.copy_from(str(weights))
+    return net
+
+
+def _check_supported(proto: Any, deploy: Path) -> None:
+    if proto.layers:
+        raise CaffeEvoError(f"{deploy}: V1 `layers` format; upgrade it with Caffe's upgrade_net_proto_text")
+    names = [layer.name for layer in proto.layer]
+    for layer in proto.layer:
+        if names.count(layer.name) > 1:
+            raise CaffeEvoError(f"{deploy}: layer name '{layer.name}' is used more than once")
+        if layer.type not in _SUPPORTED:
+            raise CaffeEvoError(
+                f"layer '{layer.name}' has type {layer.type} that compaction does not support"
+            )
+        if any(spec.name for spec in layer.param):
+            raise _unsupported(layer, "parameters shared with other layers")
+
+
+def _count_params(net: Any) -> int:
+    return sum(blob.data.size for blobs in net.params.values() for blob in blobs)
+
+
+def _self_check(full: Any, small: Any) -> float:
+    """Largest output difference of the two nets on one random input; a real difference is a bug here."""
+    rng = np.random.default_rng(0)
+    feed = {name: rng.standard_normal(full.blobs[name].data.shape).astype(np.float32) for name in full.inputs}
+    full.forward(**feed)
+    small.forward(**feed)
+    worst = 0.0
+    for name in full.outputs:
+        want, got = full.blobs[name].data, small.blobs[name].data
+        diff = float(np.max(np.abs(want - got)))
+        if not diff <= _SELF_CHECK_TOLERANCE * max(1.0, float(np.max(np.abs(want)))):
+            raise CaffeEvoError(f"compaction changed output '{name}' by up to {diff:.3g}: a caffe-evo bug")
+        worst = max(worst, diff)
+    return worst
+
+
+def compact(deploy: Path, weights: Path, out_dir: Path, masks: dict[str, np.ndarray] | None = None) -> dict:
+    """Write ``out_dir/deploy.prototxt`` and ``out_dir/weights.caffemodel``: same function, fewer channels.
+
+    ``masks`` (bool, weight-shaped, by layer) are applied first as masked training applies them (pruned
+    synapses, and the bias of a neuron without living synapses, become 0); without them the zeros in the
+    weights are the dead synapses. Returns per-layer channel counts (``folded``: removed input channels
+    whose constant went into the layer's bias), totals, parameter counts, notes on channels kept for
+    structural reasons, and ``max_abs_diff`` of the self-check.
+    """
+    deploy, weights, out_dir = Path(deploy), Path(weights), Path(out_dir)
+    if out_dir.exists():
+        raise CaffeEvoError(f"{out_dir} exists; compaction writes a new folder")
+    proto = parse_prototxt(deploy, caffe_pb2().NetParameter())
+    _check_supported(proto, deploy)
+    full = _load(deploy, weights)
+    if masks is not None:
+        masking.apply(full, masking.from_weight_masks(masks, full))
+    analysis = _Analysis(proto, full)
+    analysis.decide()
+    compact_proto, params, layers = analysis.rewrite(proto)
+    caffe = load_caffe()
+    with atomic.atomic_path(out_dir, directory=True) as tmp:
+        (tmp / DEPLOY_FILE).write_text(to_prototxt(compact_proto))
+        small = caffe.Net(str(tmp / DEPLOY_FILE), caffe.TEST)
+        for name, blobs in params.items():
+            for blob, values in zip(small.params[name], blobs, strict=True):
+                blob.data[...] = values
+        small.save(str(tmp / WEIGHTS_FILE))
+        max_abs_diff = _self_check(full, small)
+    return {
+        "layers": layers,
+        "channels": sum(layer["channels"] for layer in layers.values()),
+        "kept": sum(layer["kept"] for layer in layers.values()),
+        "removed": sum(layer["removed"] for layer in layers.values()),
+        "params_before": _count_params(full),
+        "params_after": _count_params(small),
+        "notes": analysis.notes,
+        "max_abs_diff": max_abs_diff,
+    }
+
+
+def cost(deploy: Path, weights: Path | None = None) -> dict:
+    """Parameters, synapses, clusters and multiply-accumulates per image, per layer and in total.
+
+    Synapses are non-zero weights and clusters output channels with any; without ``weights`` every
+    weight counts as living (the architecture's cost). MACs count Convolution and InnerProduct only.
+    """
+    deploy = Path(deploy)
+    weights = None if weights is None else Path(weights)
+    net = _load(deploy, weights)
+    layers: dict[str, dict[str, Any]] = {}
+    for name, blobs in net.params.items():
+        kind = net.layer_dict[name].type
+        entry: dict[str, Any] = {"type": kind, "params": sum(blob.data.size for blob in blobs)}
+        if kind in _WEIGHTED:
+            w = blobs[0].data
+            living = (w != 0 if weights is not None else np.ones(w.shape, dtype=bool)).reshape(len(w), -1)
+            top_shape = net.blobs[net.top_names[name][0]].data.shape
+            entry["synapses"] = int(np.count_nonzero(living))
+            entry["clusters"] = int(np.count_nonzero(living.any(axis=1)))
+            entry["macs"] = w.size * math.prod(top_shape[2:])
+        layers[name] = entry
+    keys = ("params", "synapses", "clusters", "macs")
+    totals = {key: sum(layer.get(key, 0) for layer in layers.values()) for key in keys}
+    result: dict[str, Any] = {"layers": layers, **totals}
+    if weights is not None:
+        result["file_bytes"] = weights.stat().st_size
+    return result
+
+
+def latency(deploy: Path, weights: Path, batch: int, repeats: int = 30, warmup: int = 5) -> dict:
+    """Median wall time of one pycaffe CPU forward pass at ``batch`` images, after ``warmup`` passes."""
+    if batch < 1 or repeats < 1 or warmup < 0:
+        raise CaffeEvoError(
+            f"latency needs batch >= 1, repeats >= 1, warmup >= 0 (got {batch}, {repeats}, {warmup})"
+        )
+    net = _load(Path(deploy), Path(weights))
+    rng = np.random.default_rng(0)
+    for name in net.inputs:
+        net.blobs[name].reshape(batch, *net.blobs[name].data.shape[1:])
+    net.reshape()
+    for name in net.inputs:
+        net.blobs[name].data[...] = rng.standard_normal(net.blobs[name].data.shape)
+    for _ in range(warmup):
+        net.forward()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        net.forward()
+        seconds.append(time.perf_counter() - start)
+    median_ms = float(np.median(seconds)) * 1000
+    return {
+        "batch": batch,
+        "repeats": repeats,
+        "median_ms": median_ms,
+        "images_per_s": batch * 1000 / median_ms,
+    }
