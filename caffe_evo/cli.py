@@ -73,7 +73,7 @@ _ENCODING_OPTIONS = {
 _RUN_OPTIONS = (
     "recipe generations population seed synapse_factor cluster_factor factor_mode init "
     "iters_per_generation ancestor ancestor_iters accuracy_floor max_accuracy_drop max_attempts layers "
-    "data_root allow_python_layers precision stress_level stress_strength stress_period"
+    "data_root allow_python_layers precision stress_level stress_strength stress_period measure"
 ).split()
 
 
@@ -102,7 +102,7 @@ def evolution_config(args: argparse.Namespace) -> dict:
         config["encoding"] = encoding
     for key in _RUN_OPTIONS:
         value = getattr(args, key)
-        if value is not None and value is not False:
+        if value is not None:
             config[key] = str(value) if isinstance(value, Path) else value
     if "recipe" not in config:
         raise CaffeEvoError("evolve needs --recipe (or `recipe:` in --config), or --resume RUN")
@@ -136,6 +136,25 @@ def _cmd_evolve(args: argparse.Namespace) -> None:
 
     evo.run(on_generation=report)
     print(lineage.table(run))
+
+
+def _cmd_compact(args: argparse.Namespace) -> None:
+    from caffe_evo.measure import compact_generation
+
+    cost = compact_generation(args.generation, repeats=args.repeats)["cost"]
+    full, small = cost["full"], cost["compact"]
+    print(
+        f"compact {args.generation}: params {full['params']:,} -> {small['params']:,}, "
+        f"MACs {full['macs']:,} -> {small['macs']:,}, batch-1 {full['latency_ms_batch1']:.3f} -> "
+        f"{small['latency_ms_batch1']:.3f} ms, batch-64 {full['images_per_s_batch64']:,.0f} -> "
+        f"{small['images_per_s_batch64']:,.0f} images/s"
+    )
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from caffe_evo.report import write_report
+
+    print(f"wrote {write_report(args.run)}")
 
 
 def _cmd_lineage(args: argparse.Namespace) -> None:
@@ -216,10 +235,22 @@ def build_parser() -> argparse.ArgumentParser:
     evolve.add_argument("--stress-strength", help="attenuation s in [0, 1), or a schedule 0.5,0.2")
     evolve.add_argument("--stress-period", type=int, help="stress every k iterations")
     evolve.add_argument("--data-root", type=Path)
-    evolve.add_argument("--allow-python-layers", action="store_true")
+    evolve.add_argument("--allow-python-layers", action="store_const", const=True)
+    evolve.add_argument(
+        "--no-measure", dest="measure", action="store_const", const=False, help="skip compaction and timing"
+    )
     evolve.add_argument("--no-progress", action="store_true")
     evolve.add_argument("--verbose", action="store_true")
     evolve.set_defaults(func=_cmd_evolve)
+
+    compact = sub.add_parser("compact", help="rewrite a generation as a smaller dense Caffe net and time it")
+    compact.add_argument("generation", type=Path, help="a generation folder, e.g. runs/evo/gen_005")
+    compact.add_argument("--repeats", type=int, default=30, help="timed forward passes per measurement")
+    compact.set_defaults(func=_cmd_compact)
+
+    report = sub.add_parser("report", help="write RUN/report/: report.md, lineage.csv, plots")
+    report.add_argument("run", type=Path)
+    report.set_defaults(func=_cmd_report)
 
     show = sub.add_parser("lineage", help="print a run's generation table")
     show.add_argument("run", type=Path)

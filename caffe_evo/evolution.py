@@ -27,6 +27,7 @@ from caffe_evo import atomic, lineage, masking, netstats, selection
 from caffe_evo.caffe_env import load_caffe
 from caffe_evo.encoding import EncodingConfig, bias_mask, encode
 from caffe_evo.errors import CaffeEvoError
+from caffe_evo.measure import measure
 from caffe_evo.precision import check_choice
 from caffe_evo.recipe import DEPLOY_FILE, Recipe
 from caffe_evo.stress import StressConfig, StressSignal
@@ -67,6 +68,7 @@ class EvolutionConfig:
     stress_level: str = "off"  # "synapse" | "cluster": StressedNets' training-time stress
     stress_strength: str = "0.0"  # attenuation s, or a per-generation schedule "0.5,0.2,0"
     stress_period: int = 10  # stress every k iterations
+    measure: bool = True  # compact every generation and measure its cost and CPU speed
     data_root: str | None = None
     allow_python_layers: bool = False
     solver_overrides: dict[str, Any] = field(default_factory=dict)
@@ -247,6 +249,7 @@ class Evolution:
         counts = netstats.totals(netstats.layer_counts(masks, self.granularity))
         return {
             **metrics,
+            **self._cost(folder, masks),
             **netstats.efficiency_report(masks, counts, self.granularity),
             "generation": 0,
             "ancestor_synapses": counts["synapses"],
@@ -266,6 +269,9 @@ class Evolution:
         caffe = load_caffe()
         net = caffe.Net(str(self.recipe.folder / DEPLOY_FILE), caffe.TEST)
         check_matches(net, stored, source / WEIGHTS_FILE, self.recipe.folder / DEPLOY_FILE)
+
+    def _cost(self, folder: Path, masks: dict[str, np.ndarray]) -> dict[str, Any]:
+        return {"cost": measure(folder, masks)} if self.config.measure else {}
 
     # -- one generation -----------------------------------------------------------------------------------
 
@@ -358,6 +364,7 @@ class Evolution:
         metrics = {**winner, "selection": selection.summary(tried, winner, floor)}
         with atomic.atomic_path(gen_dir, directory=True) as work:
             relocate(source, work, gen_dir)
+            metrics.update(self._cost(work, masking.load(work / lineage.MASKS_FILE)))
             atomic.write_json(work / METRICS_FILE, metrics)
         return metrics
 

@@ -1,0 +1,82 @@
+"""What evolution buys, measured: the compact network and the cost of both it and the masked full network.
+
+For one generation folder: :func:`caffe_evo.compaction.compact` writes ``compact/``; then parameters,
+synapses, clusters, multiply-accumulates per layer and in total, model file size, and Caffe CPU forward
+latency at batch 1 and throughput at batch 64 (medians after warm-up, in this process) are taken for the
+masked full network and the compact one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from caffe_evo import atomic, compaction, lineage, masking
+from caffe_evo.errors import CaffeEvoError
+from caffe_evo.recipe import DEPLOY_FILE
+from caffe_evo.training import METRICS_FILE, WEIGHTS_FILE
+
+COMPACT_DIR = "compact"
+LATENCY_BATCH = 1
+THROUGHPUT_BATCH = 64
+
+
+def network_cost(deploy: Path, weights: Path, repeats: int) -> dict[str, Any]:
+    """Static cost plus batch-1 latency and batch-64 throughput of one network."""
+    cost = compaction.cost(deploy, weights)
+    single = compaction.latency(deploy, weights, LATENCY_BATCH, repeats=repeats)
+    batch = compaction.latency(deploy, weights, THROUGHPUT_BATCH, repeats=max(5, repeats // 3))
+    return {
+        **cost,
+        "latency_ms_batch1": single["median_ms"],
+        "fps_batch1": single["images_per_s"],
+        "latency_ms_batch64": batch["median_ms"],
+        "images_per_s_batch64": batch["images_per_s"],
+    }
+
+
+def measure(folder: Path, masks: dict[str, np.ndarray], repeats: int = 30) -> dict[str, Any]:
+    """Compact ``folder`` into ``folder/compact`` and return the cost of both networks."""
+    started = time.perf_counter()
+    folder = Path(folder)
+    summary = compaction.compact(folder / DEPLOY_FILE, folder / WEIGHTS_FILE, folder / COMPACT_DIR, masks)
+    compact_dir = folder / COMPACT_DIR
+    full = network_cost(folder / DEPLOY_FILE, folder / WEIGHTS_FILE, repeats)
+    small = network_cost(compact_dir / DEPLOY_FILE, compact_dir / WEIGHTS_FILE, repeats)
+    return {
+        "full": full,
+        "compact": small,
+        "compaction": {key: summary[key] for key in ("kept", "removed", "notes", "max_abs_diff")},
+        "measure_seconds": time.perf_counter() - started,
+    }
+
+
+def compact_generation(gen_dir: Path, repeats: int = 30) -> dict[str, Any]:
+    """Rebuild ``gen_dir/compact`` and the ``cost`` entry of its metrics (``caffe-evo compact``)."""
+    gen_dir = Path(gen_dir)
+    metrics_path = gen_dir / METRICS_FILE
+    for required in (METRICS_FILE, lineage.MASKS_FILE, DEPLOY_FILE, WEIGHTS_FILE):
+        if not (gen_dir / required).is_file():
+            raise CaffeEvoError(f"{gen_dir}: not a generation folder (no {required})")
+    metrics = lineage.read_json(metrics_path)
+    masks = masking.load(gen_dir / lineage.MASKS_FILE)
+    # Measured in a staging folder, so that a failure leaves the generation as it was.
+    staging = Path(tempfile.mkdtemp(prefix=".compact-staging-", dir=gen_dir))
+    try:
+        for name in (DEPLOY_FILE, WEIGHTS_FILE):
+            os.link(gen_dir / name, staging / name)
+        cost = measure(staging, masks, repeats)
+        if (gen_dir / COMPACT_DIR).exists():
+            shutil.rmtree(gen_dir / COMPACT_DIR)
+        os.replace(staging / COMPACT_DIR, gen_dir / COMPACT_DIR)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    metrics = {**metrics, "cost": cost}
+    atomic.write_json(metrics_path, metrics)
+    return metrics
