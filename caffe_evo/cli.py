@@ -71,7 +71,8 @@ _ENCODING_OPTIONS = {
 }
 # `evolve` options that set the EvolutionConfig field of the same name.
 _RUN_OPTIONS = (
-    "recipe generations population seed synapse_factor cluster_factor factor_mode init "
+    "recipe method prune_fraction prune_scope mask_source generations population seed synapse_factor "
+    "cluster_factor factor_mode init "
     "iters_per_generation ancestor ancestor_iters accuracy_floor max_accuracy_drop max_attempts layers "
     "data_root allow_python_layers precision stress_level stress_strength stress_period measure"
 ).split()
@@ -157,6 +158,14 @@ def _cmd_report(args: argparse.Namespace) -> None:
     print(f"wrote {write_report(args.run)}")
 
 
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from caffe_evo.compare import write_comparison
+
+    if args.out.exists():
+        raise CaffeEvoError(f"{args.out}: already exists (choose another --out)")
+    print(f"wrote {write_comparison(args.runs, args.out)}")
+
+
 def _cmd_lineage(args: argparse.Namespace) -> None:
     from caffe_evo import lineage
 
@@ -209,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     evolve.add_argument("--out", type=Path, help="new run folder")
     evolve.add_argument("--resume", type=Path, metavar="RUN", help="continue the run in RUN (its run.json)")
     evolve.add_argument("--config", type=Path, help="YAML or JSON file of options (keys as in run.json)")
+    evolve.add_argument(
+        "--method", help="evolution (default) | magnitude | l1-filter | retrain-mask (baselines)"
+    )
+    evolve.add_argument("--prune-fraction", type=_fraction, help="baselines: share removed (per round)")
+    evolve.add_argument("--prune-scope", help="magnitude pruning threshold: layer | global")
+    evolve.add_argument("--mask-source", type=Path, help="retrain-mask: generation folder with masks.npz")
     evolve.add_argument("--generations", type=int)
     evolve.add_argument("--population", type=int, help="offspring per generation (K)")
     evolve.add_argument("--seed", type=int)
@@ -251,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write RUN/report/: report.md, lineage.csv, plots")
     report.add_argument("run", type=Path)
     report.set_defaults(func=_cmd_report)
+
+    compare = sub.add_parser("compare", help="compare runs (methods, seeds): table and plots")
+    compare.add_argument("runs", type=Path, nargs="+")
+    compare.add_argument("--out", type=Path, required=True, help="new folder for compare.md/.csv/.png")
+    compare.set_defaults(func=_cmd_compare)
 
     show = sub.add_parser("lineage", help="print a run's generation table")
     show.add_argument("run", type=Path)

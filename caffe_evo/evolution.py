@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from caffe_evo import atomic, lineage, masking, netstats, selection
+from caffe_evo import atomic, baselines, lineage, masking, netstats, selection
 from caffe_evo.caffe_env import load_caffe
-from caffe_evo.encoding import EncodingConfig, bias_mask, encode
+from caffe_evo.encoding import EncodingConfig, LayerDNA, bias_mask, encode
 from caffe_evo.errors import CaffeEvoError
 from caffe_evo.measure import measure
 from caffe_evo.precision import check_choice
@@ -49,6 +49,12 @@ class EvolutionConfig:
     """
 
     recipe: str
+    method: str = "evolution"  # or a baseline: "magnitude", "l1-filter", "retrain-mask" (caffe_evo.baselines)
+    prune_fraction: float = (
+        0.3  # baselines: share of living synapses (magnitude) or kernels (l1-filter) removed
+    )
+    prune_scope: str = "layer"  # magnitude pruning threshold: per "layer" or "global"
+    mask_source: str | None = None  # retrain-mask: the generation folder whose masks.npz is retrained
     generations: int = 13
     population: int = 1
     seed: int = 0
@@ -96,6 +102,23 @@ class EvolutionConfig:
             raise CaffeEvoError(f"--iters-per-generation must be positive, got {self.iters_per_generation}")
         if self.ancestor_iters is not None and self.ancestor_iters < 1:
             raise CaffeEvoError(f"--ancestor-iters must be positive, got {self.ancestor_iters}")
+        if self.method not in baselines.METHODS:
+            raise CaffeEvoError(
+                f"unknown --method {self.method!r}; choose from {', '.join(baselines.METHODS)}"
+            )
+        if not 0.0 < self.prune_fraction < 1.0:
+            raise CaffeEvoError(f"--prune-fraction must be in (0, 1), got {self.prune_fraction}")
+        if self.prune_scope not in baselines.SCOPES:
+            raise CaffeEvoError(f"unknown --prune-scope {self.prune_scope!r}; choose from layer, global")
+        if self.method == "retrain-mask":
+            if self.mask_source is None or not (Path(self.mask_source) / lineage.MASKS_FILE).is_file():
+                raise CaffeEvoError(
+                    f"--method retrain-mask needs --mask-source GEN_DIR with {lineage.MASKS_FILE}"
+                )
+            if self.init != "reinit":
+                raise CaffeEvoError(
+                    "--method retrain-mask trains the architecture from scratch: use --init reinit"
+                )
         if self.init not in INIT_MODES:
             raise CaffeEvoError(f"unknown --init {self.init!r}; choose from {', '.join(INIT_MODES)}")
         if self.accuracy_floor is not None and not 0.0 <= self.accuracy_floor <= 1.0:
@@ -298,10 +321,8 @@ class Evolution:
         if (folder / METRICS_FILE).is_file():
             return lineage.read_json(folder / METRICS_FILE)
         seeds = CandidateSeeds.of(self.config.seed, generation, attempt, k)
-        sampled = sample_offspring(
-            dna, parent.masks, self.environment, generation, seeds.mask, self.protected
-        )
-        masks = {name: sampled.get(name, parent.masks[name]) for name in self.layers}
+        proposed = self._propose(parent, dna, generation, seeds.mask)
+        masks = {name: proposed.get(name, parent.masks[name]) for name in self.layers}
         options = TrainOptions(
             max_iter=self.config.iters_per_generation,
             seed=seeds.caffe,
@@ -336,12 +357,38 @@ class Evolution:
 
         return train(self.recipe, folder, options, finalize=finalize)
 
+    def _propose(
+        self, parent: Parent, dna: dict[str, LayerDNA], generation: int, rng: np.random.Generator
+    ) -> dict[str, np.ndarray]:
+        """The offspring's masks of the evolving layers, by the configured method."""
+        weights = {name: parent.params[name][0] for name in self.evolving}
+        masks = {name: parent.masks[name] for name in self.evolving}
+        method = self.config.method
+        if method == "evolution":
+            return sample_offspring(dna, masks, self.environment, generation, rng, self.protected)
+        if method == "magnitude":
+            return baselines.magnitude_masks(
+                weights, masks, self.config.prune_fraction, self.config.prune_scope
+            )
+        if method == "l1-filter":
+            if generation > 1:  # one-shot: later generations only fine-tune
+                return masks
+            return baselines.l1_filter_masks(weights, masks, self.config.prune_fraction, self.protected)
+        source = masking.load(Path(self.config.mask_source) / lineage.MASKS_FILE)
+        missing = [name for name in masks if name not in source or source[name].shape != masks[name].shape]
+        if missing:
+            raise CaffeEvoError(
+                f"--mask-source {self.config.mask_source}: no matching mask for {', '.join(missing)}"
+            )
+        return {name: source[name] & masks[name] for name in masks}
+
     def _generation(self, generation: int, ancestor: dict[str, Any], floor: float) -> dict[str, Any]:
         parent = self._parent(generation - 1)
-        weights = {name: parent.params[name][0] for name in self.evolving}
-        dna = encode(
-            weights, {n: parent.masks[n] for n in self.evolving}, self.config.encoding, self.protected
-        )
+        dna: dict[str, LayerDNA] = {}
+        if self.config.method == "evolution":
+            weights = {name: parent.params[name][0] for name in self.evolving}
+            masks = {name: parent.masks[name] for name in self.evolving}
+            dna = encode(weights, masks, self.config.encoding, self.protected)
         tried: list[dict[str, Any]] = []
         for attempt in range(self.config.max_attempts):
             candidates = [

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -89,9 +90,13 @@ def relocate(src: Path, work: Path, final: Path) -> None:
 
     src, final = Path(src).resolve(), Path(final).resolve()
     for item in src.iterdir():
-        if item.name in (SOLVER_FILE, SOLVERSTATE_FILE):
+        # Derived folders (compact/, report/) are rebuilt from the files, not carried along.
+        if item.name in (SOLVER_FILE, SOLVERSTATE_FILE) or item.is_dir():
             continue
-        os.link(item, work / item.name)
+        try:
+            os.link(item, work / item.name)
+        except OSError:  # another file system
+            shutil.copy2(item, work / item.name)
     solver = caffe_pb2().SolverParameter()
     text_format.Merge((src / SOLVER_FILE).read_text(), solver)
     solver.net = str(final / Path(solver.net).name)
