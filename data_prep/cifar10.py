@@ -10,16 +10,13 @@ Caffe's colour pipeline (and its own ``convert_cifar_data``-trained models) expe
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 
-from caffe_evo.atomic import atomic_path
 from caffe_evo.errors import CaffeEvoError
 from data_prep.idx import read_bytes
-from data_prep.lmdb_io import write_datum_lmdb
-from data_prep.mnist import INFO_FILE
+from data_prep.lmdb_io import write_dataset
 
 SHAPE = (3, 32, 32)
 RECORD_BYTES = 1 + SHAPE[0] * SHAPE[1] * SHAPE[2]  # label byte, then the R, G and B planes
@@ -101,8 +98,5 @@ def convert_cifar10(source: Path, out_dir: Path) -> dict:
         "channel_order": "BGR",
         "label_names": read_label_names(source / META_FILE, NUM_CLASSES),
     }
-    with atomic_path(out_dir, directory=True) as tmp:
-        for name, (images, labels) in splits.items():
-            write_datum_lmdb(tmp / f"{name}_lmdb", images, labels)
-        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    write_dataset(out_dir, splits, info)
     return info

@@ -5,15 +5,18 @@ Keys are ``%08d`` record indices, as Caffe's own ``convert_mnist_data`` writes t
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import lmdb
 import numpy as np
 
+from caffe_evo.atomic import atomic_path
 from caffe_evo.errors import CaffeEvoError
 
 _COMMIT_EVERY = 5000
+INFO_FILE = "info.json"
 
 
 def _caffe_pb2():
@@ -45,6 +48,14 @@ def write_datum_lmdb(path: Path, images: np.ndarray, labels: np.ndarray) -> None
         env.sync()
     finally:
         env.close()
+
+
+def write_dataset(out_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], info: dict) -> None:
+    """Write ``<split>_lmdb`` per split and ``info.json`` into ``out_dir`` as one atomic folder."""
+    with atomic_path(Path(out_dir), directory=True) as tmp:
+        for name, (images, labels) in splits.items():
+            write_datum_lmdb(tmp / f"{name}_lmdb", images, labels)
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
 def iter_datum_lmdb(path: Path) -> Iterator[tuple[bytes, np.ndarray, int]]:

@@ -8,7 +8,6 @@ training set for model selection that never touches the test set: ``train_noval_
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import tarfile
@@ -20,9 +19,7 @@ import numpy as np
 from caffe_evo.atomic import atomic_path
 from caffe_evo.errors import CaffeEvoError
 from data_prep.idx import load_split
-from data_prep.lmdb_io import write_datum_lmdb
-
-INFO_FILE = "info.json"
+from data_prep.lmdb_io import INFO_FILE, write_dataset
 
 
 @dataclass(frozen=True)
@@ -116,10 +113,7 @@ def convert_idx_dataset(spec: IdxDataset, source: Path, out_dir: Path, val_size:
         "val_size": val_size,
         "shape": [1, 28, 28],
     }
-    with atomic_path(out_dir, directory=True) as tmp:
-        for name, (images, labels) in splits.items():
-            write_datum_lmdb(tmp / f"{name}_lmdb", images[:, np.newaxis], labels)
-        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    write_dataset(out_dir, {name: (x[:, np.newaxis], y) for name, (x, y) in splits.items()}, info)
     return info
 
 

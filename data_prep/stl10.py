@@ -8,17 +8,14 @@ labels 0..9. ``unlabeled_X.bin`` (100,000 images without labels) is ignored: Caf
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from caffe_evo.atomic import atomic_path
 from caffe_evo.errors import CaffeEvoError
 from data_prep.cifar10 import read_label_names, sha256
 from data_prep.idx import read_bytes
-from data_prep.lmdb_io import write_datum_lmdb
-from data_prep.mnist import INFO_FILE
+from data_prep.lmdb_io import write_dataset
 
 SHAPE = (3, 96, 96)
 IMAGE_BYTES = SHAPE[0] * SHAPE[1] * SHAPE[2]
@@ -85,8 +82,5 @@ def convert_stl10(source: Path, out_dir: Path) -> dict:
         "channel_order": "BGR",
         "label_names": read_label_names(source / CLASS_NAMES_FILE, NUM_CLASSES),
     }
-    with atomic_path(out_dir, directory=True) as tmp:
-        for name, (images, labels) in splits.items():
-            write_datum_lmdb(tmp / f"{name}_lmdb", images, labels)
-        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    write_dataset(out_dir, splits, info)
     return info

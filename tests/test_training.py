@@ -62,6 +62,22 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "caffe_evo.cli", *args], capture_output=True, text=True)
 
 
+def _train(recipe: Path, data_root: Path, out: Path, *options: str) -> subprocess.CompletedProcess:
+    """`caffe-evo train` for one iteration, with extra options."""
+    return _cli(
+        "train",
+        "--recipe",
+        str(recipe),
+        "--data-root",
+        str(data_root),
+        "--out",
+        str(out),
+        "--iters",
+        "1",
+        *options,
+    )
+
+
 def _assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -72,20 +88,7 @@ def test_corrupt_caffemodel(lenet5: Path, data_root: Path, tmp_path: Path, short
     bad = tmp_path / "bad.caffemodel"
     bad.write_bytes((short_run / "weights.caffemodel").read_bytes()[:5000])
     out = tmp_path / "out"
-    result = _cli(
-        "train",
-        "--recipe",
-        str(lenet5),
-        "--data-root",
-        str(data_root),
-        "--out",
-        str(out),
-        "--iters",
-        "1",
-        "--weights",
-        str(bad),
-        "--no-progress",
-    )
+    result = _train(lenet5, data_root, out, "--weights", str(bad), "--no-progress")
     _assert_one_line_error(result, "not a valid caffemodel")
     assert not out.exists() and no_partials(tmp_path)
 
@@ -96,20 +99,7 @@ def test_weights_that_do_not_match(lenet5: Path, data_root: Path, tmp_path: Path
     net = (wide / "train_val.prototxt").read_text().replace("num_output: 500", "num_output: 400")
     (wide / "train_val.prototxt").write_text(net)
     out = tmp_path / "out"
-    result = _cli(
-        "train",
-        "--recipe",
-        str(wide),
-        "--data-root",
-        str(data_root),
-        "--out",
-        str(out),
-        "--iters",
-        "1",
-        "--weights",
-        str(short_run / "weights.caffemodel"),
-        "--no-progress",
-    )
+    result = _train(wide, data_root, out, "--weights", str(short_run / "weights.caffemodel"), "--no-progress")
     _assert_one_line_error(result, "layer 'ip1' blob 0 is (500, 800) in the weights, (400, 800) in the net")
     assert not out.exists() and no_partials(tmp_path)
 
@@ -120,18 +110,7 @@ def test_net_caffe_cannot_build(lenet5: Path, data_root: Path, tmp_path: Path) -
     net = (broken / "train_val.prototxt").read_text().replace('bottom: "pool2"', 'bottom: "nowhere"')
     (broken / "train_val.prototxt").write_text(net)
     out = tmp_path / "out"
-    result = _cli(
-        "train",
-        "--recipe",
-        str(broken),
-        "--data-root",
-        str(data_root),
-        "--out",
-        str(out),
-        "--iters",
-        "1",
-        "--no-progress",
-    )
+    result = _train(broken, data_root, out, "--no-progress")
     _assert_one_line_error(result, "Caffe cannot build the nets of recipe broken")
     assert "nowhere" in result.stderr
     assert not out.exists() and no_partials(tmp_path)
