@@ -5,8 +5,9 @@
 
 For each encoding it runs a whole lineage through the Python API and prints the generation table,
 the published cluster-paper figures, the run's wall time and where that time went: pure Caffe solver
-time, the mask callback, Caffe's evaluation passes, and the rest of the engine (net set-up, encoding,
-sampling, bookkeeping, I/O). Overrides are `key=value` pairs of EvolutionConfig fields, e.g.
+time, the mask callback, Caffe's evaluation passes and net set-up, compaction with its latency
+measurements (issue 5's work, reported apart), and the rest of the engine (encoding, sampling,
+bookkeeping, I/O). Overrides are `key=value` pairs of EvolutionConfig fields, e.g.
 `synapse_factor=0.8 cluster_factor=0.9 init=reinit`.
 """
 
@@ -35,13 +36,15 @@ def time_breakdown(history: list[dict], wall: float) -> dict[str, float]:
     solver = sum(m["solver_seconds"] for m in offspring) - mask
     evaluation = sum(m["eval_seconds"] for m in offspring)
     setup = sum(m["setup_seconds"] for m in offspring)
+    measurement = sum(m.get("cost", {}).get("measure_seconds", 0.0) for m in offspring)
     return {
         "wall": wall,
         "caffe_solver": solver,
         "caffe_eval": evaluation,
         "caffe_net_setup": setup,
+        "compaction_and_timing": measurement,
         "mask_callback": mask,
-        "engine_rest": wall - solver - evaluation - setup - mask,
+        "engine_rest": wall - solver - evaluation - setup - measurement - mask,
     }
 
 
