@@ -50,9 +50,8 @@ class EvolutionConfig:
 
     recipe: str
     method: str = "evolution"  # or a baseline: "magnitude", "l1-filter", "retrain-mask" (caffe_evo.baselines)
-    prune_fraction: float = (
-        0.3  # baselines: share of living synapses (magnitude) or kernels (l1-filter) removed
-    )
+    # baselines: the share of living synapses (magnitude) or kernels (l1-filter) removed per round
+    prune_fraction: float = 0.3
     prune_scope: str = "layer"  # magnitude pruning threshold: per "layer" or "global"
     mask_source: str | None = None  # retrain-mask: the generation folder whose masks.npz is retrained
     generations: int = 13
@@ -139,11 +138,23 @@ class EvolutionConfig:
         if unknown:
             raise CaffeEvoError(f"unknown configuration keys: {', '.join(unknown)}")
         values = dict(data)
-        if isinstance(values.get("encoding"), dict):
-            values["encoding"] = EncodingConfig(**values["encoding"])
+        encoding = values.get("encoding", {})
+        if isinstance(encoding, dict):
+            unknown = sorted(set(encoding) - {f.name for f in dataclasses.fields(EncodingConfig)})
+            if unknown:
+                raise CaffeEvoError(f"unknown encoding keys: {', '.join(unknown)}")
+            values["encoding"] = EncodingConfig(**encoding)
         for key in ("synapse_factor", "cluster_factor", "stress_strength"):
             if key in values:
                 values[key] = str(values[key])
+        defaults = cls(recipe="")
+        for key, value in values.items():
+            expected = type(getattr(defaults, key))
+            # Numbers and switches from a config file must have the right type, or validation would crash.
+            if expected in (int, float, bool) and value is not None:
+                accepted = (int, float) if expected is float else expected
+                if not isinstance(value, accepted) or (expected is not bool and isinstance(value, bool)):
+                    raise CaffeEvoError(f"configuration {key}: expected {expected.__name__}, got {value!r}")
         return cls(**values)
 
 

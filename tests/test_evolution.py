@@ -253,3 +253,24 @@ def test_python_layers_are_refused_without_opt_in(lenet5_dir: Path, data_root: P
 def test_existing_run_folder_is_refused(uninterrupted: Path, small_recipe: Path, data_root: Path) -> None:
     with pytest.raises(CaffeEvoError, match="already exists; use --resume"):
         start(small_config(small_recipe, data_root), uninterrupted)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("generations: many\n", "configuration generations: expected int, got 'many'"),
+        ("encoding: {levl: cluster}\n", "unknown encoding keys: levl"),
+        ("speed: 3\n", "unknown configuration keys: speed"),
+        ("generations: [1, 2\n", "not valid YAML/JSON"),
+        ("- 1\n- 2\n", "expected a mapping of option names to values"),
+    ],
+)
+def test_bad_config_file(lenet5_dir: Path, data_root: Path, tmp_path: Path, text: str, message: str) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    out = tmp_path / "run"
+    result = _cli("evolve", "--recipe", str(lenet5_dir), "--config", str(config), "--out", str(out))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+    assert not out.exists()
