@@ -29,10 +29,10 @@ from caffe_evo.encoding import EncodingConfig, LayerDNA, bias_mask, encode
 from caffe_evo.errors import CaffeEvoError
 from caffe_evo.measure import measure
 from caffe_evo.precision import check_choice
-from caffe_evo.recipe import DEPLOY_FILE, Recipe
+from caffe_evo.recipe import DEPLOY_FILE, SOLVER_FILE, TRAIN_VAL_FILE, Recipe
 from caffe_evo.stress import StressConfig, StressSignal
 from caffe_evo.synthesis import Environment, Factor, sample_offspring
-from caffe_evo.training import METRICS_FILE, WEIGHTS_FILE, TrainOptions, relocate, train
+from caffe_evo.training import METRICS_FILE, SOLVERSTATE_FILE, WEIGHTS_FILE, TrainOptions, relocate, train
 from caffe_evo.weights import check_matches, read_caffemodel
 
 EVOLVABLE_TYPES = ("Convolution", "InnerProduct")
@@ -294,11 +294,9 @@ class Evolution:
         if self.config.ancestor is None:
             return
         source = Path(self.config.ancestor)
-        for name in (WEIGHTS_FILE, METRICS_FILE, DEPLOY_FILE):
+        for name in (WEIGHTS_FILE, SOLVERSTATE_FILE, METRICS_FILE, DEPLOY_FILE, SOLVER_FILE, TRAIN_VAL_FILE):
             if not (source / name).is_file():
-                raise CaffeEvoError(
-                    f"--ancestor {source}: no {name} (expected a `caffe-evo train` output folder)"
-                )
+                raise CaffeEvoError(f"--ancestor {source}: no {name} (expected a `caffe-evo train` output)")
         stored = read_caffemodel(source / WEIGHTS_FILE)
         caffe = load_caffe()
         net = caffe.Net(str(self.recipe.folder / DEPLOY_FILE), caffe.TEST)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from caffe_evo import atomic, masking, precision
 from caffe_evo.caffe_env import caffe_pb2, check_nets_build, load_caffe
 from caffe_evo.errors import CaffeEvoError
-from caffe_evo.recipe import DEPLOY_FILE, SOLVER_FILE, TRAIN_VAL_FILE, Recipe
+from caffe_evo.recipe import DEPLOY_FILE, SOLVER_FILE, TRAIN_VAL_FILE, Recipe, parse_prototxt, to_prototxt
 from caffe_evo.stress import StressSignal
 from caffe_evo.weights import check_matches, read_caffemodel
 
@@ -86,8 +86,6 @@ def relocate(src: Path, work: Path, final: Path) -> None:
     Large files are hard-linked; the solver's ``net`` and ``snapshot_prefix`` and the solver state's
     ``learned_net`` are rewritten to point inside ``final``.
     """
-    from google.protobuf import text_format
-
     src, final = Path(src).resolve(), Path(final).resolve()
     for item in src.iterdir():
         # Derived folders (compact/, report/) are rebuilt from the files, not carried along.
@@ -97,11 +95,10 @@ def relocate(src: Path, work: Path, final: Path) -> None:
             os.link(item, work / item.name)
         except OSError:  # another file system
             shutil.copy2(item, work / item.name)
-    solver = caffe_pb2().SolverParameter()
-    text_format.Merge((src / SOLVER_FILE).read_text(), solver)
+    solver = parse_prototxt(src / SOLVER_FILE, caffe_pb2().SolverParameter())
     solver.net = str(final / Path(solver.net).name)
     solver.snapshot_prefix = str(final / Path(solver.snapshot_prefix).name)
-    (work / SOLVER_FILE).write_text(text_format.MessageToString(solver))
+    (work / SOLVER_FILE).write_text(to_prototxt(solver))
     (work / SOLVERSTATE_FILE).write_bytes((src / SOLVERSTATE_FILE).read_bytes())
     _relocate_solverstate(work / SOLVERSTATE_FILE, final / WEIGHTS_FILE)
 
