@@ -82,6 +82,7 @@ def plot(summary: dict[str, list[dict[str, Any]]], path: Path) -> None:
 
     matplotlib.use("Agg")  # headless
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     axes_spec = [
         ("synaptic_efficiency", "synaptic efficiency (x, log)", True),
@@ -97,6 +98,7 @@ def plot(summary: dict[str, list[dict[str, Any]]], path: Path) -> None:
             ax.errorbar(xs, ys, yerr=yerr, marker="o", capsize=2, label=label)
         if log:
             ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ScalarFormatter())  # "2", not "2x10^0", on short log ranges
         ax.set(xlabel=xlabel)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("test accuracy (%), mean ± std over seeds")
