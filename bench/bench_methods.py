@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=6)
     parser.add_argument("--iters", type=int, default=1000)
     parser.add_argument("--methods", default="plain,fp16,stress,magnitude,l1,control")
+    parser.add_argument("--synapse-factor", help="default: EvolutionConfig's")
+    parser.add_argument("--cluster-factor", help="default: EvolutionConfig's")
     parser.add_argument("--stress-level", default="cluster")
     parser.add_argument("--stress-strength", default="0.0")
     parser.add_argument("--stress-period", type=int, default=10)
@@ -71,6 +73,7 @@ def main() -> None:
         "data_root": str(ROOT / "data"),
         "generations": args.generations,
         "iters_per_generation": args.iters,
+        **{key: value for key in ("synapse_factor", "cluster_factor") if (value := getattr(args, key))},
     }
     budget = {"generations": 1, "iters_per_generation": args.generations * args.iters}
     variants: dict[str, dict[str, Any]] = {
