@@ -31,7 +31,7 @@ from caffe_evo.measure import measure
 from caffe_evo.precision import check_choice
 from caffe_evo.recipe import DEPLOY_FILE, SOLVER_FILE, TRAIN_VAL_FILE, Recipe
 from caffe_evo.stress import StressConfig, StressSignal
-from caffe_evo.synthesis import Environment, Factor, sample_offspring
+from caffe_evo.synthesis import Environment, Factor, parse_schedule, sample_offspring
 from caffe_evo.training import METRICS_FILE, SOLVERSTATE_FILE, WEIGHTS_FILE, TrainOptions, relocate, train
 from caffe_evo.weights import check_matches, read_caffemodel
 
@@ -88,7 +88,7 @@ class EvolutionConfig:
 
     def stress(self) -> StressConfig:
         return StressConfig(
-            self.stress_level, _parse_schedule(self.stress_strength, "stress strength"), self.stress_period
+            self.stress_level, parse_schedule(self.stress_strength, "stress strength"), self.stress_period
         )
 
     def validate(self) -> None:
@@ -158,13 +158,6 @@ class EvolutionConfig:
                 if not isinstance(value, accepted) or (expected is not bool and isinstance(value, bool)):
                     raise CaffeEvoError(f"configuration {key}: expected {expected.__name__}, got {value!r}")
         return cls(**values)
-
-
-def _parse_schedule(text: str, what: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in str(text).split(","))
-    except ValueError:
-        raise CaffeEvoError(f"{what} must be a number or a comma-separated schedule, got {text!r}") from None
 
 
 @dataclass

@@ -18,6 +18,7 @@ import numpy as np
 
 from caffe_evo import atomic
 from caffe_evo.caffe_env import add_solver_callback
+from caffe_evo.encoding import bias_mask
 from caffe_evo.errors import CaffeEvoError
 
 # layer name -> one 0/1 float32 array per learnable blob of the layer (weights, then bias)
@@ -35,7 +36,7 @@ def from_weight_masks(weight_masks: dict[str, np.ndarray], net: Any) -> ParamMas
             raise CaffeEvoError(f"mask for layer '{name}' is {mask.shape}, its weights {blobs[0].data.shape}")
         per_blob = [mask.astype(np.float32)]
         if len(blobs) > 1:
-            per_blob.append(mask.reshape(mask.shape[0], -1).any(axis=1).astype(np.float32))
+            per_blob.append(bias_mask(mask).astype(np.float32))
         masks[name] = per_blob
     return masks
 

@@ -87,13 +87,15 @@ class Factor:
     @classmethod
     def parse(cls, text: str, mode: str) -> Factor:
         """From the command line: ``"0.7"`` or a schedule ``"0.9,0.8,0.7"``."""
-        try:
-            values = tuple(float(part) for part in text.split(","))
-        except ValueError:
-            raise CaffeEvoError(
-                f"environmental factor '{text}' is not a number or a comma-separated schedule"
-            ) from None
-        return cls(values, mode)
+        return cls(parse_schedule(text, "environmental factor"), mode)
+
+
+def parse_schedule(text: str, what: str) -> tuple[float, ...]:
+    """``"0.7"`` or ``"0.9,0.8,0.7"`` (one value per generation) as floats, or one clear error."""
+    try:
+        return tuple(float(part) for part in str(text).split(","))
+    except ValueError:
+        raise CaffeEvoError(f"{what} '{text}' is not a number or a comma-separated schedule") from None
 
 
 @dataclass(frozen=True)
