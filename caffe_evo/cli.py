@@ -20,9 +20,10 @@ def _default_cache() -> Path:
 
 
 def _cmd_data(args: argparse.Namespace) -> None:
+    from caffe_evo.recipe import default_data_root
     from data_prep import cifar10, mnist, stl10
 
-    out = (args.data_root or Path(os.environ.get("CAFFE_EVO_DATA", "data"))) / args.dataset
+    out = (args.data_root or default_data_root()) / args.dataset
     if args.dataset in mnist.DATASETS and mnist.is_prepared(out) and not args.force:
         print(f"{args.dataset}: already prepared in {out}")
         return
