@@ -21,9 +21,14 @@ _QUIET_LEVEL = "2"  # errors only: hides Caffe's per-layer set-up chatter and so
 _VERBOSE_LEVEL = "0"
 
 
+def configure_logging(verbose: bool) -> None:
+    """Choose glog's level for this process; only the first choice counts (see the module docstring)."""
+    os.environ.setdefault("GLOG_minloglevel", _VERBOSE_LEVEL if verbose else _QUIET_LEVEL)
+
+
 def load_caffe(verbose: bool = False) -> ModuleType:
     """Import pycaffe in CPU mode; ``verbose`` keeps glog's INFO output."""
-    os.environ.setdefault("GLOG_minloglevel", _VERBOSE_LEVEL if verbose else _QUIET_LEVEL)
+    configure_logging(verbose)
     try:
         import caffe
     except ImportError as exc:

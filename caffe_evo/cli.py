@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from caffe_evo.caffe_env import configure_logging
 from caffe_evo.errors import CaffeEvoError
 
 
@@ -115,9 +116,6 @@ def _cmd_evolve(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from caffe_evo import evolution, lineage
-    from caffe_evo.caffe_env import load_caffe
-
-    load_caffe(args.verbose)
     if args.resume is not None:
         run = args.resume
         evo = evolution.resume(run, progress=not args.no_progress)
@@ -281,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging(getattr(args, "verbose", False))
     try:
         args.func(args)
     except CaffeEvoError as exc:

@@ -129,3 +129,11 @@ def test_nonsense_iterations(lenet5: Path, data_root: Path, tmp_path: Path) -> N
         "-5",
     )
     _assert_one_line_error(result, "--iters must be positive")
+
+
+def test_caffe_log_only_with_verbose(lenet5: Path, data_root: Path, tmp_path: Path) -> None:
+    quiet = _train(lenet5, data_root, tmp_path / "quiet", "--no-progress")
+    loud = _train(lenet5, data_root, tmp_path / "loud", "--no-progress", "--verbose")
+    assert quiet.returncode == 0 and loud.returncode == 0
+    assert "Initializing solver" not in quiet.stderr
+    assert "Initializing solver" in loud.stderr
