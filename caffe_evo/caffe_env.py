@@ -22,13 +22,16 @@ _VERBOSE_LEVEL = "0"
 
 
 def configure_logging(verbose: bool) -> None:
-    """Choose glog's level for this process; only the first choice counts (see the module docstring)."""
-    os.environ.setdefault("GLOG_minloglevel", _VERBOSE_LEVEL if verbose else _QUIET_LEVEL)
+    """An explicit choice of glog's level (the CLI's ``--verbose``), over any inherited from the environment.
+
+    It must come before pycaffe is loaded: glog reads the level once.
+    """
+    os.environ["GLOG_minloglevel"] = _VERBOSE_LEVEL if verbose else _QUIET_LEVEL  # noqa: SIM112 (glog spells it so)
 
 
 def load_caffe(verbose: bool = False) -> ModuleType:
-    """Import pycaffe in CPU mode; ``verbose`` keeps glog's INFO output."""
-    configure_logging(verbose)
+    """Import pycaffe in CPU mode; ``verbose`` keeps glog's INFO output unless a level was already chosen."""
+    os.environ.setdefault("GLOG_minloglevel", _VERBOSE_LEVEL if verbose else _QUIET_LEVEL)
     try:
         import caffe
     except ImportError as exc:

@@ -116,6 +116,7 @@ def _cmd_evolve(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from caffe_evo import evolution, lineage
+
     if args.resume is not None:
         run = args.resume
         evo = evolution.resume(run, progress=not args.no_progress)
