@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=6)
     parser.add_argument("--iters", type=int, default=1000)
     parser.add_argument("--methods", default="plain,fp16,stress,magnitude,l1,control")
+    parser.add_argument("--population", type=int, default=1, help="offspring per generation, every method")
     parser.add_argument("--synapse-factor", help="default: EvolutionConfig's")
     parser.add_argument("--cluster-factor", help="default: EvolutionConfig's")
     parser.add_argument("--stress-level", default="cluster")
@@ -73,6 +74,7 @@ def main() -> None:
         "data_root": str(ROOT / "data"),
         "generations": args.generations,
         "iters_per_generation": args.iters,
+        "population": args.population,
         **{key: value for key in ("synapse_factor", "cluster_factor") if (value := getattr(args, key))},
     }
     budget = {"generations": 1, "iters_per_generation": args.generations * args.iters}

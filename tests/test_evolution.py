@@ -49,6 +49,7 @@ def small_config(recipe: Path, data_root: Path, **changes) -> EvolutionConfig:
         "ancestor_iters": 100,
         "iters_per_generation": 40,
         "max_accuracy_drop": 1.0,
+        "population": 2,
         **changes,
     }
     return EvolutionConfig.from_json(values)
@@ -131,6 +132,9 @@ def test_two_generations_shrink_with_heredity(uninterrupted: Path) -> None:
     for name in parent:
         assert not np.any(child[name] & ~parent[name])  # a dead synapse never comes back
         assert np.all(params[name][0][~child[name]] == 0.0)
+    for gen in history[1:]:  # natural selection kept the fitter of the two offspring
+        seen = gen["selection"]["candidates"]
+        assert len(seen) == 2 and gen["val_accuracy"] == max(c["val_accuracy"] for c in seen)
     run = json.loads((uninterrupted / "run.json").read_text())
     assert run["config"]["seed"] == 3 and run["versions"]["caffe"] == "1.0.0-rc3"
     assert "gen" in lineage.table(uninterrupted)
@@ -184,7 +188,9 @@ def test_floor_stops_the_run_and_keeps_the_lineage(
     small_recipe: Path, data_root: Path, tmp_path: Path
 ) -> None:
     run = tmp_path / "run"
-    config = small_config(small_recipe, data_root, accuracy_floor=0.9999, max_attempts=2, generations=1)
+    config = small_config(
+        small_recipe, data_root, accuracy_floor=0.9999, max_attempts=2, generations=1, population=1
+    )
     with pytest.raises(CaffeEvoError, match=r"generation 1: no offspring reached .* in 2 attempts"):
         start(config, run, progress=False).run()
     assert (run / "gen_000" / "weights.caffemodel").is_file() and not (run / "gen_001").exists()
