@@ -1,11 +1,12 @@
 """Benchmark: evolution variants and baselines on one dataset, several seeds, equal training budget.
 
     .venv/bin/python bench/bench_methods.py --dataset mnist --seeds 0,1,2 --generations 6 --iters 1000 \
-        --methods plain,fp16,stress,magnitude,l1,control
+        --methods plain,synapse,fp16,stress,magnitude,l1,control
 
 Every method starts from the same trained ancestor (runs/bench-ancestor for MNIST,
 runs/bench-ancestor-fashion for Fashion-MNIST) and gets generations x iters training iterations:
 - plain: cluster-driven evolution with the default settings;
+- synapse: the same with the synapse-level encoding (Darwin 2016);
 - fp16: the same with synaptic precision restriction to fp16 after every generation;
 - stress: the same with StressedNets-style stress (--stress-* options below);
 - magnitude: iterative magnitude pruning (Han et al. 2015), per-layer fraction per round chosen so that
@@ -55,7 +56,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--generations", type=int, default=6)
     parser.add_argument("--iters", type=int, default=1000)
-    parser.add_argument("--methods", default="plain,fp16,stress,magnitude,l1,control")
+    parser.add_argument("--methods", default="plain,synapse,fp16,stress,magnitude,l1,control")
     parser.add_argument("--population", type=int, default=1, help="offspring per generation, every method")
     parser.add_argument("--synapse-factor", help="default: EvolutionConfig's")
     parser.add_argument("--cluster-factor", help="default: EvolutionConfig's")
@@ -80,6 +81,7 @@ def main() -> None:
     budget = {"generations": 1, "iters_per_generation": args.generations * args.iters}
     variants: dict[str, dict[str, Any]] = {
         "plain": {},
+        "synapse": {"encoding": {"level": "synapse"}},
         "fp16": {"precision": "fp16"},
         "stress": {
             "stress_level": args.stress_level,
