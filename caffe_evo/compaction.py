@@ -379,7 +379,7 @@ class _Analysis:
         return blobs, counts
 
 
-def _load(deploy: Path, weights: Path | None) -> Any:
+def load_net(deploy: Path, weights: Path | None) -> Any:
     """A pycaffe TEST net of ``deploy`` holding ``weights``, after the checks that spare Caffe an abort."""
     if not deploy.is_file():
         raise CaffeEvoError(f"{deploy}: file not found")
@@ -442,7 +442,7 @@ def compact(deploy: Path, weights: Path, out_dir: Path, masks: dict[str, np.ndar
         raise CaffeEvoError(f"{out_dir} exists; compaction writes a new folder")
     proto = parse_prototxt(deploy, caffe_pb2().NetParameter())
     _check_supported(proto, deploy)
-    full = _load(deploy, weights)
+    full = load_net(deploy, weights)
     if masks is not None:
         masking.apply(full, masking.from_weight_masks(masks, full))
     analysis = _Analysis(proto, full)
@@ -475,9 +475,12 @@ def cost(deploy: Path, weights: Path | None = None) -> dict:
     Synapses are non-zero weights and clusters output channels with any; without ``weights`` every
     weight counts as living (the architecture's cost). MACs count Convolution and InnerProduct only.
     """
-    deploy = Path(deploy)
     weights = None if weights is None else Path(weights)
-    net = _load(deploy, weights)
+    return net_cost(load_net(Path(deploy), weights), weights)
+
+
+def net_cost(net: Any, weights: Path | None) -> dict:
+    """:func:`cost` of a net already loaded (from ``weights``, or None for the architecture alone)."""
     layers: dict[str, dict[str, Any]] = {}
     for name, blobs in net.params.items():
         kind = net.layer_dict[name].type
@@ -500,11 +503,15 @@ def cost(deploy: Path, weights: Path | None = None) -> dict:
 
 def latency(deploy: Path, weights: Path, batch: int, repeats: int = 30, warmup: int = 5) -> dict:
     """Median wall time of one pycaffe CPU forward pass at ``batch`` images, after ``warmup`` passes."""
+    return net_latency(load_net(Path(deploy), Path(weights)), batch, repeats, warmup)
+
+
+def net_latency(net: Any, batch: int, repeats: int = 30, warmup: int = 5) -> dict:
+    """:func:`latency` of a net already loaded; the net's inputs are reshaped to ``batch``."""
     if batch < 1 or repeats < 1 or warmup < 0:
         raise CaffeEvoError(
             f"latency needs batch >= 1, repeats >= 1, warmup >= 0 (got {batch}, {repeats}, {warmup})"
         )
-    net = _load(Path(deploy), Path(weights))
     rng = np.random.default_rng(0)
     for name in net.inputs:
         net.blobs[name].reshape(batch, *net.blobs[name].data.shape[1:])

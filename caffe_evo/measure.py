@@ -28,10 +28,11 @@ THROUGHPUT_BATCH = 64
 
 
 def network_cost(deploy: Path, weights: Path, repeats: int) -> dict[str, Any]:
-    """Static cost plus batch-1 latency and batch-64 throughput of one network."""
-    cost = compaction.cost(deploy, weights)
-    single = compaction.latency(deploy, weights, LATENCY_BATCH, repeats=repeats)
-    batch = compaction.latency(deploy, weights, THROUGHPUT_BATCH, repeats=max(5, repeats // 3))
+    """Static cost plus batch-1 latency and batch-64 throughput of one network, loaded once."""
+    net = compaction.load_net(deploy, weights)
+    cost = compaction.net_cost(net, weights)  # before the reshapes below; MACs are per image anyway
+    single = compaction.net_latency(net, LATENCY_BATCH, repeats=repeats)
+    batch = compaction.net_latency(net, THROUGHPUT_BATCH, repeats=max(5, repeats // 3))
     return {
         **cost,
         "latency_ms_batch1": single["median_ms"],
