@@ -11,6 +11,7 @@ are never touched (they are not living, so never sampled), and nothing happens w
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,13 +78,7 @@ class StressSignal:
     def _removal(self) -> dict[str, np.ndarray]:
         """The living synapses that the next evolution step would remove, drawn from the current weights."""
         weights = {name: self._net.params[name][0].data for name in self.masks}
-        level_encoding = EncodingConfig(
-            level=self.config.level,
-            reading=self.encoding.reading,
-            normaliser=self.encoding.normaliser,
-            aggregate=self.encoding.aggregate,
-            granularity=self.encoding.granularity,
-        )
+        level_encoding = dataclasses.replace(self.encoding, level=self.config.level)
         keep_all = Factor((1.0,), "survival")
         if self.config.level == "cluster":
             env = Environment(synapse=keep_all, cluster=self.environment.cluster)
