@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 
 from caffe_evo import atomic, masking
-from caffe_evo.caffe_env import caffe_pb2, check_nets_build, load_caffe
+from caffe_evo.caffe_env import caffe_pb2, load_caffe
 from caffe_evo.errors import CaffeEvoError
 from caffe_evo.recipe import DEPLOY_FILE, parse_prototxt, to_prototxt
 from caffe_evo.training import WEIGHTS_FILE
-from caffe_evo.weights import check_matches, read_caffemodel
+from caffe_evo.weights import load_net
 
 _WEIGHTED = ("Convolution", "InnerProduct")
 # Besides these, Concat and Eltwise: every other layer maps input channel i to output channel i, except
@@ -377,20 +377,6 @@ class _Analysis:
             "folded": int(np.count_nonzero(step.fold_sums[:, removed].any(axis=0))),
         }
         return blobs, counts
-
-
-def load_net(deploy: Path, weights: Path | None) -> Any:
-    """A pycaffe TEST net of ``deploy`` holding ``weights``, after the checks that spare Caffe an abort."""
-    if not deploy.is_file():
-        raise CaffeEvoError(f"{deploy}: file not found")
-    stored = None if weights is None else read_caffemodel(weights)
-    check_nets_build([(deploy, "TEST")], str(deploy))
-    caffe = load_caffe()
-    net = caffe.Net(str(deploy), caffe.TEST)
-    if weights is not None:
-        check_matches(net, stored, weights, deploy)
-        net.copy_from(str(weights))
-    return net
 
 
 def _check_supported(proto: Any, deploy: Path) -> None:

@@ -33,7 +33,7 @@ from caffe_evo.recipe import DEPLOY_FILE, SOLVER_FILE, TRAIN_VAL_FILE, Recipe
 from caffe_evo.stress import StressConfig, StressSignal
 from caffe_evo.synthesis import Environment, Factor, parse_schedule, sample_offspring
 from caffe_evo.training import METRICS_FILE, SOLVERSTATE_FILE, WEIGHTS_FILE, TrainOptions, relocate, train
-from caffe_evo.weights import check_matches, read_caffemodel
+from caffe_evo.weights import load_net
 
 EVOLVABLE_TYPES = ("Convolution", "InnerProduct")
 INIT_MODES = ("inherit", "reinit")
@@ -169,6 +169,10 @@ class Parent:
     params: dict[str, list[np.ndarray]]  # layer -> [weights, bias] as stored (fp32)
     masks: dict[str, np.ndarray]  # evolvable layer -> bool synapse mask
 
+    def of_layers(self, names: list[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Weights and masks of the named layers, in that order."""
+        return {name: self.params[name][0] for name in names}, {name: self.masks[name] for name in names}
+
 
 def evolvable_layers(recipe: Recipe, selected: list[str] | None) -> tuple[list[str], frozenset[str]]:
     """All Convolution/InnerProduct layers in net order, and the protected final classifier."""
@@ -293,10 +297,7 @@ class Evolution:
         for name in (WEIGHTS_FILE, SOLVERSTATE_FILE, METRICS_FILE, DEPLOY_FILE, SOLVER_FILE, TRAIN_VAL_FILE):
             if not (source / name).is_file():
                 raise CaffeEvoError(f"--ancestor {source}: no {name} (expected a `caffe-evo train` output)")
-        stored = read_caffemodel(source / WEIGHTS_FILE)
-        caffe = load_caffe()
-        net = caffe.Net(str(self.recipe.folder / DEPLOY_FILE), caffe.TEST)
-        check_matches(net, stored, source / WEIGHTS_FILE, self.recipe.folder / DEPLOY_FILE)
+        load_net(self.recipe.folder / DEPLOY_FILE, source / WEIGHTS_FILE)  # one line for any mismatch
 
     def _cost(self, folder: Path, masks: dict[str, np.ndarray]) -> dict[str, Any]:
         return {"cost": measure(folder, masks)} if self.config.measure else {}
@@ -366,8 +367,7 @@ class Evolution:
         self, parent: Parent, dna: dict[str, LayerDNA], generation: int, rng: np.random.Generator
     ) -> dict[str, np.ndarray]:
         """The offspring's masks of the evolving layers, by the configured method."""
-        weights = {name: parent.params[name][0] for name in self.evolving}
-        masks = {name: parent.masks[name] for name in self.evolving}
+        weights, masks = parent.of_layers(self.evolving)
         method = self.config.method
         if method == "evolution":
             return sample_offspring(dna, masks, self.environment, generation, rng, self.protected)
@@ -391,9 +391,7 @@ class Evolution:
         parent = self._parent(generation - 1)
         dna: dict[str, LayerDNA] = {}
         if self.config.method == "evolution":
-            weights = {name: parent.params[name][0] for name in self.evolving}
-            masks = {name: parent.masks[name] for name in self.evolving}
-            dna = encode(weights, masks, self.config.encoding, self.protected)
+            dna = encode(*parent.of_layers(self.evolving), self.config.encoding, self.protected)
         tried: list[dict[str, Any]] = []
         for attempt in range(self.config.max_attempts):
             candidates = [

@@ -21,6 +21,7 @@ from caffe_evo import atomic, compaction, lineage, masking
 from caffe_evo.errors import CaffeEvoError
 from caffe_evo.recipe import DEPLOY_FILE
 from caffe_evo.training import METRICS_FILE, WEIGHTS_FILE
+from caffe_evo.weights import load_net
 
 COMPACT_DIR = "compact"
 LATENCY_BATCH = 1
@@ -29,7 +30,7 @@ THROUGHPUT_BATCH = 64
 
 def network_cost(deploy: Path, weights: Path, repeats: int) -> dict[str, Any]:
     """Static cost plus batch-1 latency and batch-64 throughput of one network, loaded once."""
-    net = compaction.load_net(deploy, weights)
+    net = load_net(deploy, weights)
     cost = compaction.net_cost(net, weights)  # before the reshapes below; MACs are per image anyway
     single = compaction.net_latency(net, LATENCY_BATCH, repeats=repeats)
     batch = compaction.net_latency(net, THROUGHPUT_BATCH, repeats=max(5, repeats // 3))

@@ -12,7 +12,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from caffe_evo.caffe_env import caffe_pb2
+from caffe_evo.caffe_env import caffe_pb2, check_nets_build, load_caffe
 from caffe_evo.errors import CaffeEvoError
 
 
@@ -68,3 +68,17 @@ def check_matches(net: Any, weights: Any, weights_path: Path, prototxt: Path) ->
                     f"{weights_path} does not match {prototxt}: layer '{name}' blob {i} is {have} "
                     f"in the weights, {want} in the net"
                 )
+
+
+def load_net(deploy: Path, weights: Path | None) -> Any:
+    """A pycaffe TEST net of ``deploy`` holding ``weights``, after the checks that spare Caffe an abort."""
+    if not deploy.is_file():
+        raise CaffeEvoError(f"{deploy}: file not found")
+    stored = None if weights is None else read_caffemodel(weights)
+    check_nets_build([(deploy, "TEST")], str(deploy))
+    caffe = load_caffe()
+    net = caffe.Net(str(deploy), caffe.TEST)
+    if weights is not None:
+        check_matches(net, stored, weights, deploy)
+        net.copy_from(str(weights))
+    return net
