@@ -1,9 +1,11 @@
 """Benchmark: LeNet-5 on the official MNIST split, N generations per encoding, beside the published figures.
 
-    .venv/bin/python bench/bench_evolution.py --ancestor runs/bench-ancestor [--generations 13] \
-        [--encodings synapse,cluster] [--seed 0] [--out runs/bench-evolution] [EvolutionConfig overrides]
+    .venv/bin/python bench/bench_evolution.py [--ancestor runs/bench-ancestor] [--generations 13] \
+        [--encodings synapse,cluster] [--seed 0] [--out runs/bench-evolution] [--config FILE] \
+        [EvolutionConfig overrides]
 
-For each encoding it runs a whole lineage through the Python API and prints the generation table,
+For each encoding it runs a whole lineage through the Python API (training the ancestor too unless
+``--ancestor`` gives one) and prints the generation table,
 the published cluster-paper figures, the run's wall time and where that time went: pure Caffe solver
 time, the mask callback, Caffe's evaluation passes and net set-up, compaction with its latency
 measurements (issue 5's work, reported apart), and the rest of the engine (encoding, sampling,
@@ -29,17 +31,18 @@ ROOT = Path(__file__).resolve().parent.parent
 PUBLISHED = "published (cluster-driven, LeNet-5/MNIST, gen 13): ~125x synapses, 9.71x clusters, -1.7 points"
 
 
-def time_breakdown(run: Path, history: list[dict], wall: float) -> dict[str, float]:
-    """Seconds by category over every offspring trained (all candidates, not only the survivors)."""
+def time_breakdown(run: Path, history: list[dict], wall: float, with_ancestor: bool) -> dict[str, float]:
+    """Seconds by category over every network trained in the run: every offspring candidate (not only
+    the survivors), and the ancestor when the run trained it."""
     candidates = [
         lineage.read_json(path) for path in sorted((run / "candidates").glob("gen_*/*/metrics.json"))
-    ]
+    ] + history[:1] * with_ancestor
     mask = sum(m["mask_seconds"] for m in candidates)
     solver = sum(m["solver_seconds"] for m in candidates) - mask
     evaluation = sum(m["eval_seconds"] for m in candidates)
     setup = sum(m["setup_seconds"] for m in candidates)
-    # Compaction and timing run once per generation, on the survivor.
-    measurement = sum(m.get("cost", {}).get("measure_seconds", 0.0) for m in history[1:])
+    # Compaction and timing run once per generation, on the survivor (and on the ancestor).
+    measurement = sum(m.get("cost", {}).get("measure_seconds", 0.0) for m in history)
     return {
         "wall": wall,
         "caffe_solver": solver,
@@ -53,14 +56,18 @@ def time_breakdown(run: Path, history: list[dict], wall: float) -> dict[str, flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ancestor", type=Path, required=True, help="a `caffe-evo train` output folder")
+    parser.add_argument(
+        "--ancestor", type=Path, help="a `caffe-evo train` output folder (default: the run trains one)"
+    )
     parser.add_argument("--generations", type=int, default=13)
     parser.add_argument("--encodings", default="synapse,cluster")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-evolution")
-    parser.add_argument("overrides", nargs="*", help="EvolutionConfig key=value")
+    parser.add_argument("--config", type=Path, help="a YAML run configuration, e.g. experiments/cfgs/...")
+    parser.add_argument("overrides", nargs="*", help="EvolutionConfig key=value, over --config")
     args = parser.parse_args()
-    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.overrides)}
+    overrides = yaml.safe_load(args.config.read_text()) if args.config else {}
+    overrides.update({k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.overrides)})
 
     for level in args.encodings.split(","):
         run = args.out / f"{level}-seed{args.seed}"
@@ -70,7 +77,7 @@ def main() -> None:
                 "recipe": str(ROOT / "prototxt" / "lenet5"),
                 "generations": args.generations,
                 "seed": args.seed,
-                "ancestor": str(args.ancestor.resolve()),
+                "ancestor": str(args.ancestor.resolve()) if args.ancestor else None,
                 "data_root": str(ROOT / "data"),
                 **overrides,
                 "encoding": {**overrides.get("encoding", {}), "level": level},
@@ -80,7 +87,7 @@ def main() -> None:
         started = time.perf_counter()
         history = start(config, run, progress=False).run()
         wall = time.perf_counter() - started
-        breakdown = time_breakdown(run, history, wall)
+        breakdown = time_breakdown(run, history, wall, with_ancestor=args.ancestor is None)
         last, first = history[-1], history[0]
         print(f"\n== {level}-level encoding, seed {args.seed}, {run}")
         print(f"config: {json.dumps(config.to_json(), sort_keys=True)}")

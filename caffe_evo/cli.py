@@ -74,9 +74,9 @@ _ENCODING_OPTIONS = {
 # `evolve` options that set the EvolutionConfig field of the same name.
 _RUN_OPTIONS = (
     "recipe method prune_fraction prune_scope mask_source generations population seed synapse_factor "
-    "cluster_factor factor_mode init "
+    "cluster_factor factor_mode factor_scope size_exponent init "
     "iters_per_generation ancestor ancestor_iters accuracy_floor max_accuracy_drop max_attempts layers "
-    "data_root allow_python_layers precision stress_level stress_strength stress_period measure"
+    "data_root allow_python_layers precision stress_level stress_strength stress_period measure drop_unread"
 ).split()
 
 
@@ -94,6 +94,15 @@ def _load_config_file(path: Path) -> dict:
     return data
 
 
+def _layer_factor(text: str) -> tuple[str, str, str]:
+    """``conv1:cluster=0.95`` (or a schedule ``conv1:synapse=0.9,0.8``) -> (layer, level, factor)."""
+    layer, _, rest = text.partition(":")
+    level, _, factor = rest.partition("=")
+    if not layer or level not in ("synapse", "cluster") or not factor:
+        raise CaffeEvoError(f"--layer-factor: expected LAYER:synapse=F or LAYER:cluster=F, got {text!r}")
+    return layer, level, factor
+
+
 def evolution_config(args: argparse.Namespace) -> dict:
     """The run configuration: the config file (if any), overridden by the options given."""
     config = _load_config_file(args.config) if args.config else {}
@@ -107,6 +116,11 @@ def evolution_config(args: argparse.Namespace) -> dict:
         value = getattr(args, key)
         if value is not None:
             config[key] = str(value) if isinstance(value, Path) else value
+    for name, level, factor in map(_layer_factor, args.layer_factor or []):
+        layer_factors = config.setdefault("layer_factors", {})
+        if not isinstance(layer_factors, dict):
+            raise CaffeEvoError(f"layer_factors must map layer names to levels, got {layer_factors!r}")
+        layer_factors.setdefault(name, {})[level] = factor
     if "recipe" not in config:
         raise CaffeEvoError("evolve needs --recipe (or `recipe:` in --config), or --resume RUN")
     return config
@@ -237,6 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
     evolve.add_argument(
         "--factor-mode", help="survival (expected surviving fraction) | multiplier (literal F)"
     )
+    evolve.add_argument("--factor-scope", help="survival rate met per layer | over the whole network")
+    evolve.add_argument(
+        "--size-exponent", type=_fraction, help="g > 0 spares small layers: F ** ((n / n_max) ** g)"
+    )
+    evolve.add_argument(
+        "--layer-factor",
+        action="append",
+        metavar="LAYER:LEVEL=F",
+        help="a factor of its own for one layer and level, e.g. conv1:cluster=0.95 (repeatable)",
+    )
     evolve.add_argument("--init", help="inherit (fine-tune survivors) | reinit (layer fillers)")
     evolve.add_argument("--iters-per-generation", type=int)
     evolve.add_argument("--ancestor", type=Path, help="a `caffe-evo train` output folder to start from")
@@ -253,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     evolve.add_argument("--allow-python-layers", action="store_const", const=True)
     evolve.add_argument(
         "--no-measure", dest="measure", action="store_const", const=False, help="skip compaction and timing"
+    )
+    evolve.add_argument(
+        "--keep-unread",
+        dest="drop_unread",
+        action="store_const",
+        const=False,
+        help="keep synapses that cannot change the output (reading dead channels, or read by nobody)",
     )
     evolve.add_argument("--no-progress", action="store_true")
     evolve.add_argument("--verbose", action="store_true")

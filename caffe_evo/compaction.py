@@ -32,6 +32,7 @@ import numpy as np
 
 from caffe_evo import atomic, masking
 from caffe_evo.caffe_env import caffe_pb2, load_caffe
+from caffe_evo.encoding import bias_mask
 from caffe_evo.errors import CaffeEvoError
 from caffe_evo.recipe import DEPLOY_FILE, parse_prototxt, to_prototxt
 from caffe_evo.training import WEIGHTS_FILE
@@ -377,6 +378,67 @@ class _Analysis:
             "folded": int(np.count_nonzero(step.fold_sums[:, removed].any(axis=0))),
         }
         return blobs, counts
+
+
+def _drop_input_channels(step: _Step, mask: np.ndarray, channels: np.ndarray) -> None:
+    """Clear, in place, every synapse of ``mask`` (the step's weight shape) on these input channels."""
+    if step.layer.type == "InnerProduct":
+        mask.reshape(mask.shape[0], step.bottoms[0].channels, -1)[:, channels] = False
+        return
+    out, per_group = mask.shape[0], mask.shape[1]
+    rows_per_group = out // step.layer.convolution_param.group
+    for channel in channels:
+        group = channel // per_group
+        mask[group * rows_per_group : (group + 1) * rows_per_group, channel % per_group] = False
+
+
+def drop_unread(deploy: Path, params: dict[str, list[np.ndarray]], masks: dict[str, np.ndarray]) -> dict:
+    """``masks`` without the synapses that cannot change the network's output, until none is left.
+
+    Two kinds, both removed without changing what the masked network computes: a synapse that reads a
+    channel which is zero for every input (every producer of the channel is dead, and the layers in
+    between keep zero at zero), and the synapses of an output channel that no living synapse, net output
+    or channel-mixing layer reads. Removing one can make more of them (a neuron whose inputs all died is
+    dead itself), hence the repetition. Whether a channel is zero is decided by the structure: living
+    synapses and biases count as non-zero whatever their values, so the answer does not depend on the
+    weights of the evolving layers; the other layers' parameters (``params``, e.g. BatchNorm statistics)
+    do matter, as BatchNorm turns a zero channel into a constant that is not zero.
+    """
+    deploy = Path(deploy)
+    proto = parse_prototxt(deploy, caffe_pb2().NetParameter())
+    _check_supported(proto, deploy)
+    caffe = load_caffe()
+    net = caffe.Net(str(deploy), caffe.TEST)
+    for name, arrays in params.items():
+        for blob, array in zip(net.params[name], arrays, strict=True):
+            blob.data[...] = array
+    masks = {name: mask.copy() for name, mask in masks.items()}
+    while True:
+        for name, mask in masks.items():
+            blobs = net.params[name]
+            blobs[0].data[...] = mask
+            if len(blobs) > 1:
+                blobs[1].data[...] = bias_mask(mask)
+        analysis = _Analysis(proto, net)
+        read = analysis._pinned.copy()  # per class root: net inputs and outputs, channel-mixing inputs
+        weighted = [step for step in analysis.steps if step.blocking is not None]
+        for step in weighted:
+            living = step.params[0] != 0
+            rows = living.reshape(len(living), -1).any(axis=1)
+            bottom = step.bottoms[0]
+            reads = _per_input_channel(step, living, np.arange(bottom.channels), np.any)[rows].any(axis=0)
+            read[analysis._root[bottom.nodes[reads]]] = True
+        changed = False
+        for step in weighted:
+            mask = masks.get(step.layer.name)
+            if mask is None:
+                continue
+            before = int(np.count_nonzero(mask))
+            _drop_input_channels(step, mask, np.flatnonzero(step.bottoms[0].const == 0))
+            mask[~read[analysis._root[step.tops[0].nodes]]] = False
+            changed |= int(np.count_nonzero(mask)) != before
+        if not changed:
+            return masks
 
 
 def _check_supported(proto: Any, deploy: Path) -> None:

@@ -23,13 +23,13 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from caffe_evo import atomic, baselines, lineage, masking, netstats, selection
-from caffe_evo.caffe_env import load_caffe
+from caffe_evo import atomic, baselines, compaction, lineage, masking, netstats, selection
+from caffe_evo.caffe_env import caffe_pb2, load_caffe
 from caffe_evo.encoding import EncodingConfig, LayerDNA, bias_mask, encode
 from caffe_evo.errors import CaffeEvoError
 from caffe_evo.measure import measure
 from caffe_evo.precision import check_choice
-from caffe_evo.recipe import DEPLOY_FILE, SOLVER_FILE, TRAIN_VAL_FILE, Recipe
+from caffe_evo.recipe import DEPLOY_FILE, SOLVER_FILE, TRAIN_VAL_FILE, Recipe, set_solver_fields
 from caffe_evo.stress import StressConfig, StressSignal
 from caffe_evo.synthesis import Environment, Factor, parse_schedule, sample_offspring
 from caffe_evo.training import METRICS_FILE, SOLVERSTATE_FILE, WEIGHTS_FILE, TrainOptions, relocate, train
@@ -44,11 +44,12 @@ class EvolutionConfig:
     """Everything that defines a run; stored in ``run.json`` and reloaded by ``--resume``.
 
     Defaults: the cluster-driven encoding with the reading exp(|w|/Z - 1), Z = the layer's max |w|, the
-    survival-rate environment (synapse 0.8, cluster 0.84), inherited weights, and a population of 2
-    offspring trained 2,000 iterations each per generation: of the settings measured on LeNet-5/MNIST over
-    13 generations (``bench/RESULTS.md``), the one with the highest efficiency and accuracy. The literal
-    multiplier collapsed the network on this project's machines (METHOD.md), and re-initialised offspring
-    lost to inherited ones.
+    survival-rate environment met per layer (synapse 0.9, cluster 0.78), inherited weights fine-tuned with
+    a learning rate falling linearly to 0, the dependency step, and a population of 2 offspring trained
+    2,000 iterations each per generation: of the settings measured on LeNet-5/MNIST over 13 generations
+    (``bench/RESULTS.md``), the one that met every target, there with factors of their own for the small
+    convolutions (``prototxt/lenet5/evolution.yaml``). The literal multiplier collapsed the network on
+    this project's machines (METHOD.md), and re-initialised offspring lost to inherited ones.
     """
 
     recipe: str
@@ -61,9 +62,13 @@ class EvolutionConfig:
     population: int = 2
     seed: int = 0
     encoding: EncodingConfig = field(default_factory=EncodingConfig)
-    synapse_factor: str = "0.8"  # a value in (0, 1], or a per-generation schedule "0.9,0.8,0.7"
-    cluster_factor: str = "0.84"
+    synapse_factor: str = "0.9"  # a value in (0, 1], or a per-generation schedule "0.9,0.8,0.7"
+    cluster_factor: str = "0.78"
     factor_mode: str = "survival"  # "survival": expected surviving fraction; "multiplier": literal F
+    factor_scope: str = "layer"  # survival rate met in every "layer" or over the whole "network"
+    size_exponent: float = 0.0  # > 0: smaller layers get a gentler factor, F ** ((n / n_max) ** g)
+    # layer -> {"synapse"|"cluster": factor or schedule}: layers that meet a factor of their own
+    layer_factors: dict[str, dict[str, str]] = field(default_factory=dict)
     init: str = "inherit"  # "inherit": fine-tune the surviving weights; "reinit": the layers' fillers
     iters_per_generation: int = 2000
     ancestor: str | None = None  # a `caffe-evo train` output folder; None = train one
@@ -77,14 +82,33 @@ class EvolutionConfig:
     stress_strength: str = "0.0"  # attenuation s, or a per-generation schedule "0.5,0.2,0"
     stress_period: int = 10  # stress every k iterations
     measure: bool = True  # compact every generation and measure its cost and CPU speed
+    drop_unread: bool = True  # offspring lose the synapses that cannot change the output (compaction)
     data_root: str | None = None
     allow_python_layers: bool = False
-    solver_overrides: dict[str, Any] = field(default_factory=dict)
+    solver_overrides: dict[str, Any] = field(default_factory=dict)  # every training run (SolverParameter)
+    # offspring training only, over solver_overrides: the learning rate falls linearly to 0 over the
+    # generation's iterations, so each offspring is evaluated at a converged point, not mid-descent
+    offspring_solver: dict[str, Any] = field(default_factory=lambda: {"lr_policy": "poly", "power": 1.0})
 
     def environment(self) -> Environment:
+        def factor(text: str) -> Factor:
+            return Factor.parse(str(text), self.factor_mode, self.factor_scope, self.size_exponent)
+
+        if not isinstance(self.layer_factors, dict):
+            raise CaffeEvoError(f"layer_factors must map layer names to levels, got {self.layer_factors!r}")
+        own: dict[str, dict[str, Factor]] = {"synapse": {}, "cluster": {}}
+        for name, levels in self.layer_factors.items():
+            if not isinstance(levels, dict) or not levels or set(levels) - set(own):
+                raise CaffeEvoError(
+                    f"layer factor for '{name}' must give synapse and/or cluster factors, got {levels!r}"
+                )
+            for level, text in levels.items():
+                own[level][name] = factor(text)
         return Environment(
-            synapse=Factor.parse(self.synapse_factor, self.factor_mode),
-            cluster=Factor.parse(self.cluster_factor, self.factor_mode),
+            synapse=factor(self.synapse_factor),
+            cluster=factor(self.cluster_factor),
+            layer_synapse=own["synapse"],
+            layer_cluster=own["cluster"],
         )
 
     def stress(self) -> StressConfig:
@@ -129,6 +153,8 @@ class EvolutionConfig:
             raise CaffeEvoError(f"--max-accuracy-drop must be in [0, 1], got {self.max_accuracy_drop}")
         self.environment()
         self.stress()
+        for overrides in (self.solver_overrides, self.offspring_solver):
+            set_solver_fields(caffe_pb2().SolverParameter(), overrides)
         check_choice(self.precision)
 
     def to_json(self) -> dict[str, Any]:
@@ -251,6 +277,12 @@ class Evolution:
         self.recipe = Recipe.load(Path(config.recipe), data_root, config.allow_python_layers)
         self.layers, self.protected = evolvable_layers(self.recipe, config.layers)
         self.evolving = config.layers or self.layers
+        unknown = sorted(set(config.layer_factors) - set(self.evolving))
+        if unknown:
+            raise CaffeEvoError(
+                f"layer factors for {', '.join(unknown)}, which do not evolve; "
+                f"evolving: {', '.join(self.evolving)}"
+            )
         self.environment = config.environment()
         self.granularity = config.encoding.granularity
 
@@ -328,6 +360,9 @@ class Evolution:
             return lineage.read_json(folder / METRICS_FILE)
         seeds = CandidateSeeds.of(self.config.seed, generation, attempt, k)
         proposed = self._propose(parent, dna, generation, seeds.mask)
+        if self.config.drop_unread:
+            deploy = lineage.generation_dir(self.run_dir, parent.generation) / DEPLOY_FILE
+            proposed = compaction.drop_unread(deploy, parent.params, proposed)
         masks = {name: proposed.get(name, parent.masks[name]) for name in self.layers}
         options = TrainOptions(
             max_iter=self.config.iters_per_generation,
@@ -336,7 +371,7 @@ class Evolution:
             weight_masks=masks,
             precision=self.config.precision,
             stress=self._stress_signal(generation, masks, seeds.stress),
-            solver_overrides=self.config.solver_overrides,
+            solver_overrides={**self.config.solver_overrides, **self.config.offspring_solver},
             progress=self.progress,
         )
         ancestor_counts = {
@@ -358,10 +393,27 @@ class Evolution:
                     "synapse": self.environment.synapse.at(generation),
                     "cluster": self.environment.cluster.at(generation),
                     "mode": self.config.factor_mode,
+                    "scope": self.config.factor_scope,
+                    "size_exponent": self.config.size_exponent,
+                    "layers": {
+                        name: {level: factor.at(generation) for level, factor in own.items()}
+                        for name, own in self._layer_factors().items()
+                    },
                 },
             }
 
         return train(self.recipe, folder, options, finalize=finalize)
+
+    def _layer_factors(self) -> dict[str, dict[str, Factor]]:
+        """The layers' own factors by layer, then level."""
+        own: dict[str, dict[str, Factor]] = {}
+        for level, factors in (
+            ("synapse", self.environment.layer_synapse),
+            ("cluster", self.environment.layer_cluster),
+        ):
+            for name, factor in factors.items():
+                own.setdefault(name, {})[level] = factor
+        return own
 
     def _propose(
         self, parent: Parent, dna: dict[str, LayerDNA], generation: int, rng: np.random.Generator

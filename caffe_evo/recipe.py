@@ -136,10 +136,20 @@ class Recipe:
         solver.CopyFrom(self.solver)
         solver.net = str(final_dest / TRAIN_VAL_FILE)
         solver.snapshot_prefix = str(final_dest / self.snapshot_name)
-        for key, value in solver_overrides.items():
-            setattr(solver, key, value)
+        set_solver_fields(solver, solver_overrides)
         (dest / TRAIN_VAL_FILE).write_text(to_prototxt(self.train_val))
         (dest / DEPLOY_FILE).write_text(to_prototxt(self.deploy))
         solver_path = dest / SOLVER_FILE
         solver_path.write_text(to_prototxt(solver))
         return solver_path
+
+
+def set_solver_fields(solver: Any, overrides: dict[str, Any]) -> None:
+    """Set scalar SolverParameter fields by name, with one clear error for an unknown field or value."""
+    if not isinstance(overrides, dict):
+        raise CaffeEvoError(f"solver overrides must map SolverParameter fields to values, got {overrides!r}")
+    for key, value in overrides.items():
+        try:
+            setattr(solver, key, value)
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise CaffeEvoError(f"solver option {key}: {value!r} is not valid ({exc})") from None

@@ -79,11 +79,9 @@ class StressSignal:
         """The living synapses that the next evolution step would remove, drawn from the current weights."""
         weights = {name: self._net.params[name][0].data for name in self.masks}
         level_encoding = dataclasses.replace(self.encoding, level=self.config.level)
-        keep_all = Factor((1.0,), "survival")
+        env = self.environment  # a synapse-level encoding has no cluster draw
         if self.config.level == "cluster":
-            env = Environment(synapse=keep_all, cluster=self.environment.cluster)
-        else:
-            env = Environment(synapse=self.environment.synapse, cluster=keep_all)
+            env = dataclasses.replace(env, synapse=Factor((1.0,)), layer_synapse={})
         dna = encode(weights, self.masks, level_encoding, self.protected)
         survivors = sample_offspring(dna, self.masks, env, self.generation + 1, self.rng, self.protected)
         return {name: self.masks[name] & ~survivors[name] for name in self.masks}

@@ -1,14 +1,17 @@
 """Offspring synthesis: the environment scales the DNA's probabilities, then one seeded Bernoulli draw.
 
 ``P(H_g) = F(E) . P(S_g | W_{g-1})`` (METHOD.md sections 1-2). F is offered two ways: literally, as a
-multiplier of every probability, and as a target survival rate per layer. The literal multiplier
-collapsed LeNet-5 within four generations on this project's machines, while calibrating to a survival
-rate shrank it steadily, hence both.
+multiplier of every probability, and as a target survival rate. The literal multiplier collapsed LeNet-5
+within four generations on this project's machines, while calibrating to a survival rate shrank it
+steadily, hence both. A survival rate is met per layer (every layer shrinks alike) or over the whole
+network with one common scale, so that the encoding's own per-layer differences decide where pruning
+falls: a layer whose strengths are uniform keeps more, a layer with a long tail of weak synapses loses more.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -16,6 +19,7 @@ from caffe_evo.encoding import LayerDNA, Masks, expand_clusters, living_clusters
 from caffe_evo.errors import CaffeEvoError
 
 MODES = ("multiplier", "survival")
+SCOPES = ("layer", "network")
 
 
 def _calibrated(probs: np.ndarray, target: float) -> np.ndarray:
@@ -42,12 +46,20 @@ def _calibrated(probs: np.ndarray, target: float) -> np.ndarray:
 class Factor:
     """An environmental factor F, constant (one value) or a per-generation schedule (the last repeats).
 
-    mode "multiplier" is the literal ``p' = F * p``. Mode "survival" rescales each layer's probabilities
-    so that the expected fraction of its living units that survive is F.
+    mode "multiplier" is the literal ``p' = F * p``. Mode "survival" rescales the probabilities so that
+    the expected fraction of the living units that survive is F: in each layer on its own (scope
+    "layer"), or over the units of all layers together with one scale (scope "network").
+
+    ``size_exponent`` g > 0 spares small layers at scope "layer": a layer with n units (its shape's
+    clusters or synapses, living or dead) gets ``F ** ((n / n_max) ** g)``, n_max the largest layer's
+    count, so the largest layer gets F and a layer a tenth its size loses a fraction ``0.1 ** g`` as much
+    (in log survival). Small layers, like a first convolution, are bottlenecks with little redundancy.
     """
 
     values: tuple[float, ...]
     mode: str = "survival"
+    scope: str = "layer"
+    size_exponent: float = 0.0
 
     def __post_init__(self) -> None:
         try:
@@ -64,6 +76,10 @@ class Factor:
                 raise CaffeEvoError(f"environmental factor must be in (0, 1], got {value}")
         if self.mode not in MODES:
             raise CaffeEvoError(f"factor mode '{self.mode}' is not one of: {', '.join(MODES)}")
+        if self.scope not in SCOPES:
+            raise CaffeEvoError(f"factor scope '{self.scope}' is not one of: {', '.join(SCOPES)}")
+        if not 0.0 <= self.size_exponent <= 10.0:
+            raise CaffeEvoError(f"size exponent must be in [0, 10], got {self.size_exponent}")
 
     def at(self, generation: int) -> float:
         """F for ``generation`` (1 = the ancestor's first offspring)."""
@@ -72,22 +88,47 @@ class Factor:
         return self.values[min(generation, len(self.values)) - 1]
 
     def apply(self, probs: np.ndarray, living: np.ndarray, generation: int) -> np.ndarray:
-        """Effective survival probabilities of one layer's units; 0 where the unit is already dead."""
-        if probs.shape != living.shape:
-            raise CaffeEvoError(
-                f"probabilities {probs.shape} and living units {living.shape} differ in shape"
-            )
-        factor = self.at(generation)
+        """Effective survival probabilities of one layer's units on its own; 0 where a unit is dead."""
+        return self.apply_layers({"": probs}, {"": living}, generation, scope="layer")[""]
+
+    def apply_layers(
+        self,
+        probs: dict[str, np.ndarray],
+        living: dict[str, np.ndarray],
+        generation: int,
+        scope: str | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Effective survival probabilities of several layers' units, at this factor's scope by default."""
+        for name, p in probs.items():
+            if p.shape != living[name].shape:
+                raise CaffeEvoError(
+                    f"probabilities {p.shape} and living units {living[name].shape} differ in shape"
+                )
+        per_layer = (scope or self.scope) == "layer"
+        factor = {name: self.at(generation) for name in probs}
+        if per_layer and self.size_exponent:
+            largest = max(p.size for p in probs.values())
+            factor = {
+                name: f ** ((probs[name].size / largest) ** self.size_exponent) for name, f in factor.items()
+            }
         if self.mode == "multiplier":
-            return np.where(living, factor * probs, 0.0)
-        effective = np.zeros(probs.shape)
-        effective[living] = _calibrated(probs[living], factor)
+            return {name: np.where(living[name], factor[name] * p, 0.0) for name, p in probs.items()}
+        groups = [[name] for name in probs] if per_layer or not probs else [list(probs)]
+        effective = {name: np.zeros(p.shape) for name, p in probs.items()}
+        for group in groups:
+            units = np.concatenate([probs[n][living[n]] for n in group])
+            calibrated = _calibrated(units, factor[group[0]])
+            start = 0
+            for name in group:
+                count = int(np.count_nonzero(living[name]))
+                effective[name][living[name]] = calibrated[start : start + count]
+                start += count
         return effective
 
     @classmethod
-    def parse(cls, text: str, mode: str) -> Factor:
+    def parse(cls, text: str, mode: str, scope: str = "layer", size_exponent: float = 0.0) -> Factor:
         """From the command line: ``"0.7"`` or a schedule ``"0.9,0.8,0.7"``."""
-        return cls(parse_schedule(text, "environmental factor"), mode)
+        return cls(parse_schedule(text, "environmental factor"), mode, scope, size_exponent)
 
 
 def parse_schedule(text: str, what: str) -> tuple[float, ...]:
@@ -100,10 +141,34 @@ def parse_schedule(text: str, what: str) -> tuple[float, ...]:
 
 @dataclass(frozen=True)
 class Environment:
-    """Separate factors for the cluster and the synapse level (cluster-driven synthesis, 2016/2017)."""
+    """Separate factors for the cluster and the synapse level (cluster-driven synthesis, 2016/2017).
+
+    ``layer_synapse`` and ``layer_cluster`` give single layers a factor of their own, which each such
+    layer meets by itself; every other layer shares the network's factor (at its scope). A small layer
+    that everything downstream depends on, like a first convolution, can so be spared while the large
+    layers carry the shrinking.
+    """
 
     synapse: Factor
     cluster: Factor
+    layer_synapse: Mapping[str, Factor] = field(default_factory=dict)
+    layer_cluster: Mapping[str, Factor] = field(default_factory=dict)
+
+    def effective(
+        self, level: str, probs: dict[str, np.ndarray], living: dict[str, np.ndarray], generation: int
+    ) -> dict[str, np.ndarray]:
+        """Survival probabilities at ``level`` ("synapse" or "cluster") of the layers in ``probs``."""
+        shared, own = (
+            (self.synapse, self.layer_synapse) if level == "synapse" else (self.cluster, self.layer_cluster)
+        )
+        common = [name for name in probs if name not in own]
+        result = shared.apply_layers(
+            {name: probs[name] for name in common}, {name: living[name] for name in common}, generation
+        )
+        for name in probs:
+            if name in own:
+                result[name] = own[name].apply(probs[name], living[name], generation)
+        return {name: result[name] for name in probs}
 
 
 def _keep_outputs(alive: np.ndarray, parent: np.ndarray, probs: np.ndarray) -> np.ndarray:
@@ -131,13 +196,13 @@ def sample_offspring(
 
     Dead parent synapses stay dead (heredity). Random numbers are consumed in the same pattern for every
     layer, protected or not, so that protecting a layer does not change the draws of the others.
-    Protected layers keep every living cluster and at least one input synapse per living output neuron.
+    Protected layers keep every living cluster and at least one input synapse per living output neuron;
+    their clusters take no part in a network-wide cluster calibration (they survive regardless).
     The offspring covers the DNA's layers only; other parent masks and protected names are ignored.
     """
     missing = [name for name in dna if name not in parent_masks]
     if missing:
         raise CaffeEvoError(f"no parent mask for layers: {', '.join(missing)}")
-    offspring: Masks = {}
     for name, layer in dna.items():
         parent = parent_masks[name]
         if parent.dtype != np.bool_ or parent.shape != layer.synapse.shape:
@@ -145,15 +210,34 @@ def sample_offspring(
                 f"layer '{name}': parent mask ({parent.dtype}, {parent.shape}) does not match its DNA "
                 f"(bool, {layer.synapse.shape})"
             )
+    granularity = {
+        name: "kernel" if layer.cluster.ndim == 1 else "channel"
+        for name, layer in dna.items()
+        if layer.cluster is not None
+    }
+    living = {name: living_clusters(parent_masks[name], g) for name, g in granularity.items()}
+    evolving = [name for name in granularity if name not in protected]
+    cluster_p = env.effective(
+        "cluster",
+        {name: dna[name].cluster for name in evolving},
+        {name: living[name] for name in evolving},
+        generation,
+    )
+    synapse_p = env.effective(
+        "synapse",
+        {name: layer.synapse for name, layer in dna.items()},
+        {name: parent_masks[name] for name in dna},
+        generation,
+    )
+    offspring: Masks = {}
+    for name, layer in dna.items():
+        parent = parent_masks[name]
         alive = parent.copy()
         if layer.cluster is not None:
-            granularity = "kernel" if layer.cluster.ndim == 1 else "channel"
-            living = living_clusters(parent, granularity)
-            survives = rng.random(layer.cluster.shape) < env.cluster.apply(layer.cluster, living, generation)
-            if name in protected:
-                survives = living
-            alive &= expand_clusters(survives, parent.shape, granularity)
-        alive &= rng.random(parent.shape) < env.synapse.apply(layer.synapse, parent, generation)
+            draw = rng.random(layer.cluster.shape)
+            survives = living[name] if name in protected else draw < cluster_p[name]
+            alive &= expand_clusters(survives, parent.shape, granularity[name])
+        alive &= rng.random(parent.shape) < synapse_p[name]
         if name in protected:
             alive = _keep_outputs(alive, parent, layer.synapse)
         offspring[name] = alive

@@ -59,7 +59,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> dict[str,
     evolved = _run(tmp, data_root, "evolution", cluster_factor="0.7")
     return {
         "evolution": evolved,
-        "magnitude": _run(tmp, data_root, "magnitude", method="magnitude", prune_fraction=0.5),
+        # Without the dependency step, so that the counts are the pruning rule's own.
+        "magnitude": _run(
+            tmp, data_root, "magnitude", method="magnitude", prune_fraction=0.5, drop_unread=False
+        ),
         "l1": _run(tmp, data_root, "l1", method="l1-filter", prune_fraction=0.4),
         "control": _run(
             tmp,
@@ -80,6 +83,10 @@ def test_baselines_run_through_the_shared_engine(runs: dict[str, Path]) -> None:
     l1 = lineage.generations(runs["l1"])
     assert l1[1]["synapses"] == l1[2]["synapses"] < 430500  # one shot, then fine-tuning only
     assert l1[1]["clusters"] == 12 + 30 + 300 + 10
+    # The dependency step removes the next layer's synapses on the pruned filters, as Li et al. do.
+    l1_masks = masking.load(lineage.generation_dir(runs["l1"], 1) / "masks.npz")
+    pruned_maps = ~l1_masks["conv1"].reshape(20, -1).any(axis=1)
+    assert pruned_maps.sum() == 8 and not l1_masks["conv2"][:, pruned_maps].any()
     control = lineage.generation_dir(runs["control"], 1)
     evolved = masking.load(runs["evolution"] / "gen_002" / "masks.npz")
     retrained = masking.load(control / "masks.npz")

@@ -20,7 +20,7 @@ from conftest import RECIPES, no_partials
 
 from caffe_evo import masking
 from caffe_evo.caffe_env import load_caffe
-from caffe_evo.compaction import compact, cost, latency
+from caffe_evo.compaction import compact, cost, drop_unread, latency
 from caffe_evo.errors import CaffeEvoError
 from data_prep.lmdb_io import iter_datum_lmdb
 
@@ -333,3 +333,73 @@ def test_latency(lenet: tuple) -> None:
     assert timing["images_per_s"] == pytest.approx(8 * 1000 / timing["median_ms"])
     with pytest.raises(CaffeEvoError, match="batch >= 1"):
         latency(folder / "deploy.prototxt", folder / "weights.caffemodel", batch=0)
+
+
+# -- dropping the synapses that cannot change the output (the offspring's dependency step) --
+
+
+def masked_outputs(
+    deploy: Path, net: Any, masks: dict[str, np.ndarray], feed: np.ndarray, name: str
+) -> np.ndarray:
+    """Output ``name`` of ``net``'s parameters under ``masks`` (as masked training applies them)."""
+    caffe = load_caffe()
+    copy = caffe.Net(str(deploy), caffe.TEST)
+    for layer, blobs in net.params.items():
+        for target, blob in zip(copy.params[layer], blobs, strict=True):
+            target.data[...] = blob.data
+    masking.apply(copy, masking.from_weight_masks(masks, copy))
+    copy.blobs["data"].reshape(*feed.shape)
+    copy.forward(data=feed.astype(np.float32))
+    return copy.blobs[name].data.copy()
+
+
+def params_of(net: Any) -> dict[str, list[np.ndarray]]:
+    return {name: [blob.data.copy() for blob in blobs] for name, blobs in net.params.items()}
+
+
+def test_drop_unread_on_lenet_keeps_the_function_on_mnist(data_root: Path) -> None:
+    net, rng = random_net(LENET, 7)
+    masks = random_masks(net, rng, {"conv1": 8, "conv2": 20, "ip1": 200})
+    # ip1 neuron 0 reads only conv2 maps that are dead: it dies too, and ip2 stops reading it.
+    dead_maps = dead_kernels(masks, "conv2")
+    masks["ip1"][0] = False
+    masks["ip1"][0].reshape(50, 16)[dead_maps] = True
+    got = drop_unread(LENET, params_of(net), masks)
+    assert all(not (got[n] & ~masks[n]).any() for n in masks)  # only ever removes
+    assert not got["conv2"][:, dead_kernels(masks, "conv1")].any()
+    assert not got["ip1"].reshape(500, 50, 16)[:, dead_maps].any()
+    assert not got["ip1"][0].any() and not got["ip2"][:, 0].any()
+    assert not got["ip2"][:, dead_kernels(masks, "ip1")].any()
+    removed = sum(int(masks[n].sum() - got[n].sum()) for n in masks)
+    assert removed > 0.3 * sum(int(m.sum()) for m in masks.values())
+    feed = mnist_batch(data_root, 16)
+    np.testing.assert_array_equal(
+        masked_outputs(LENET, net, got, feed, "ip2"), masked_outputs(LENET, net, masks, feed, "ip2")
+    )
+    again = drop_unread(LENET, params_of(net), got)
+    assert all(np.array_equal(again[n], got[n]) for n in got)
+
+
+def test_drop_unread_keeps_what_batchnorm_makes_non_zero() -> None:
+    deploy = FIXTURES / "resnet_small.prototxt"
+    net, rng = random_net(deploy, 5)
+    masks = random_masks(net, rng, {})
+    masks["b1"][4] = False  # b1 channel 4 is dead, but BatchNorm and Scale make it 0.5 after ReLU
+    net.params["b1_bn"][0].data[4] = 0.0
+    net.params["b1_scale"][1].data[4] = 0.5
+    masks["a1"][3] = masks["a2"][:, 3] = False  # a1 channel 3: dead, and a2 reads nothing of it
+    masks["b2"][:, 9] = False
+    masks["b1"][9] = True  # b1 channel 9 lives, but no b2 synapse reads it: b1 loses neuron 9
+    got = drop_unread(deploy, params_of(net), masks)
+    assert got["b2"][:, 4].any() and np.array_equal(got["b2"][:, 4], masks["b2"][:, 4])
+    assert not got["b1"][9].any()
+    feed = rng.standard_normal((2, 3, 16, 16))
+    want = masked_outputs(deploy, net, masks, feed, "fc")
+    np.testing.assert_allclose(masked_outputs(deploy, net, got, feed, "fc"), want, rtol=0, atol=1e-6)
+
+
+def test_drop_unread_refuses_layers_it_cannot_follow(tmp_path: Path) -> None:
+    deploy = tmp_path / "deploy.prototxt"
+    deploy.write_text(LENET.read_text().replace('type: "ReLU"', 'type: "TanH"'))
+    with pytest.raises(CaffeEvoError, match="type TanH that compaction does not support"):
+        drop_unread(deploy, {}, {})

@@ -18,7 +18,7 @@ from caffe_evo import lineage, masking
 from caffe_evo.caffe_env import caffe_pb2, load_caffe
 from caffe_evo.encoding import EncodingConfig, encode
 from caffe_evo.errors import CaffeEvoError
-from caffe_evo.evolution import EvolutionConfig, read_params, resume, start
+from caffe_evo.evolution import Evolution, EvolutionConfig, read_params, resume, start
 from caffe_evo.recipe import Recipe
 from caffe_evo.synthesis import Environment, Factor, sample_offspring
 from caffe_evo.training import TrainOptions, train
@@ -132,6 +132,14 @@ def test_two_generations_shrink_with_heredity(uninterrupted: Path) -> None:
     for name in parent:
         assert not np.any(child[name] & ~parent[name])  # a dead synapse never comes back
         assert np.all(params[name][0][~child[name]] == 0.0)
+    # The dependency step: no synapse reads a dead map or neuron of the layer before it.
+    dead = {name: ~child[name].reshape(len(child[name]), -1).any(axis=1) for name in child}
+    assert dead["conv1"].any() and dead["ip1"].any()
+    assert not child["conv2"][:, dead["conv1"]].any()
+    assert not child["ip1"].reshape(500, 50, 16)[:, dead["conv2"]].any()
+    assert not child["ip2"][:, dead["ip1"]].any()
+    offspring = history[1]["environment"]
+    assert offspring["scope"] == "layer" and offspring["layers"] == {} and offspring["size_exponent"] == 0.0
     for gen in history[1:]:  # natural selection kept the fitter of the two offspring
         seen = gen["selection"]["candidates"]
         assert len(seen) == 2 and gen["val_accuracy"] == max(c["val_accuracy"] for c in seen)
@@ -211,6 +219,11 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
         (["--init", "random"], "unknown --init 'random'"),
         (["--ancestor", "/nonexistent/ancestor"], "--ancestor /nonexistent/ancestor: no weights.caffemodel"),
         (["--layers", "conv9"], "cannot evolve conv9"),
+        (["--factor-scope", "global"], "factor scope 'global' is not one of: layer, network"),
+        (["--layer-factor", "conv1=0.9"], "--layer-factor: expected LAYER:synapse=F or LAYER:cluster=F"),
+        (["--layer-factor", "conv1:cluster=1.2"], "factor must be in (0, 1]"),
+        (["--layer-factor", "conv9:cluster=0.9"], "layer factors for conv9, which do not evolve"),
+        (["--layers", "ip1", "--layer-factor", "conv1:synapse=0.9"], "layer factors for conv1"),
     ],
 )
 def test_bad_options_are_one_line_and_write_nothing(
@@ -269,6 +282,12 @@ def test_existing_run_folder_is_refused(uninterrupted: Path, small_recipe: Path,
         ("speed: 3\n", "unknown configuration keys: speed"),
         ("generations: [1, 2\n", "not valid YAML/JSON"),
         ("- 1\n- 2\n", "expected a mapping of option names to values"),
+        ("layer_factors: {conv1: 0.9}\n", "layer factor for 'conv1' must give synapse and/or cluster"),
+        ("layer_factors: {conv1: {neuron: 0.9}}\n", "layer factor for 'conv1' must give synapse"),
+        ("layer_factors: [conv1]\n", "layer_factors must map layer names to levels"),
+        ("offspring_solver: {lr_polcy: poly}\n", "solver option lr_polcy: 'poly' is not valid"),
+        ("solver_overrides: {max_iter: many}\n", "solver option max_iter: 'many' is not valid"),
+        ("offspring_solver: poly\n", "solver overrides must map SolverParameter fields to values"),
     ],
 )
 def test_bad_config_file(lenet5_dir: Path, data_root: Path, tmp_path: Path, text: str, message: str) -> None:
@@ -280,3 +299,17 @@ def test_bad_config_file(lenet5_dir: Path, data_root: Path, tmp_path: Path, text
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
     assert not out.exists()
+
+
+def test_the_recipes_evolution_config_is_valid(lenet5_dir: Path, data_root: Path, tmp_path: Path) -> None:
+    import yaml
+
+    values = yaml.safe_load((lenet5_dir / "evolution.yaml").read_text())
+    config = EvolutionConfig.from_json({"recipe": str(lenet5_dir), "data_root": str(data_root), **values})
+    evo = Evolution(config, tmp_path / "run", progress=False)
+    environment = evo.environment
+    assert (
+        environment.layer_cluster["conv1"].at(1) == 0.93 and environment.layer_synapse["conv1"].at(5) == 0.97
+    )
+    assert set(environment.layer_cluster) == {"conv1", "conv2"} and environment.cluster.at(13) == 0.78
+    assert config.generations == 13 and not (tmp_path / "run").exists()

@@ -82,6 +82,112 @@ def test_survival_mode_unreachable_target_keeps_every_positive_unit() -> None:
     assert not Factor((0.5,)).apply(probs, np.zeros(6, bool), 1).any()
 
 
+def test_network_scope_meets_the_target_over_all_layers_with_one_scale() -> None:
+    rng = np.random.default_rng(11)
+    probs = {"conv": rng.uniform(0.6, 1.0, size=(4, 6)), "fc": rng.uniform(0.0, 0.5, size=(10, 30))}
+    living = {name: rng.random(p.shape) < 0.9 for name, p in probs.items()}
+    got = Factor((0.6,), "survival", "network").apply_layers(probs, living, 1)
+    total = sum(int(living[n].sum()) for n in probs)
+    assert abs(sum(got[n][living[n]].sum() for n in probs) / total - 0.6) < 1e-9
+    # One common scale: the layer of strong units keeps far more than the target, the weak one less.
+    assert got["conv"][living["conv"]].mean() > 0.9 and got["fc"][living["fc"]].mean() < 0.6
+    uncapped = {name: living[name] & (got[name] < 1.0) for name in probs}
+    scale = np.concatenate([got[n][uncapped[n]] / probs[n][uncapped[n]] for n in probs])
+    assert scale.size > 100
+    np.testing.assert_allclose(scale, scale[0], rtol=1e-12)
+    assert not got["fc"][~living["fc"]].any()
+    # Layer scope meets the target in each layer; the single-layer apply() is the layer scope.
+    per_layer = Factor((0.6,), "survival", "layer").apply_layers(probs, living, 1)
+    for name in probs:
+        assert abs(per_layer[name][living[name]].mean() - 0.6) < 1e-9
+        np.testing.assert_array_equal(per_layer[name], Factor((0.6,)).apply(probs[name], living[name], 1))
+
+
+def test_factor_rejects_unknown_scope() -> None:
+    with pytest.raises(CaffeEvoError, match="factor scope 'global' is not one of: layer, network"):
+        Factor((0.5,), "survival", "global")
+
+
+def test_network_scope_excludes_protected_clusters_from_calibration() -> None:
+    rng = np.random.default_rng(12)
+    weights, masks = network(rng)
+    protected = frozenset({"ip"})
+    dna = encode(weights, masks, EncodingConfig(), protected)
+    scoped = Environment(Factor((1.0,), scope="network"), Factor((0.5,), scope="network"))
+    kept = [
+        living_clusters(
+            sample_offspring(dna, masks, scoped, 1, np.random.default_rng(s), protected)["conv"], "kernel"
+        )
+        for s in range(400)
+    ]
+    # conv is the only evolving layer at cluster level, so it alone carries the 50% target.
+    assert abs(np.mean(kept) / living_clusters(masks["conv"], "kernel").mean() - 0.5) < 0.05
+
+
+def test_network_scope_of_one_layer_equals_layer_scope() -> None:
+    rng = np.random.default_rng(13)
+    weights = {"fc": rng.normal(size=(20, 30))}
+    parent = {"fc": rng.random((20, 30)) < 0.8}
+    dna = encode(weights, parent, EncodingConfig())
+    masks = [
+        sample_offspring(
+            dna,
+            parent,
+            Environment(Factor((0.7,), scope=s), Factor((0.8,), scope=s)),
+            1,
+            np.random.default_rng(3),
+        )["fc"]
+        for s in ("layer", "network")
+    ]
+    np.testing.assert_array_equal(masks[0], masks[1])
+
+
+@pytest.mark.parametrize("scope", ["layer", "network"])
+def test_a_layer_with_its_own_factor_meets_it_alone(scope: str) -> None:
+    rng = np.random.default_rng(14)
+    probs = {
+        name: rng.uniform(0.1, 1.0, size=shape)
+        for name, shape in [("a", (5, 8)), ("b", (9, 4)), ("c", (30,))]
+    }
+    living = {name: rng.random(p.shape) < 0.85 for name, p in probs.items()}
+    shared = Factor((0.5,), scope=scope)
+    environment = Environment(shared, shared, layer_cluster={"a": Factor((0.9, 0.95), scope=scope)})
+    got = environment.effective("cluster", probs, living, 2)
+    assert list(got) == ["a", "b", "c"]
+    assert abs(got["a"][living["a"]].mean() - 0.95) < 1e-9
+    others = np.concatenate([got[n][living[n]] for n in ("b", "c")])
+    assert abs(others.mean() - 0.5) < 1e-9
+    # The synapse level has no layer of its own here: all three share its factor.
+    synapse = environment.effective("synapse", probs, living, 2)
+    assert abs(np.concatenate([synapse[n][living[n]] for n in probs]).mean() - 0.5) < 1e-9
+
+
+@pytest.mark.parametrize("mode", ["survival", "multiplier"])
+def test_size_exponent_spares_small_layers(mode: str) -> None:
+    rng = np.random.default_rng(15)
+    probs = {"small": rng.uniform(0.2, 0.9, size=(10,)), "large": rng.uniform(0.2, 0.9, size=(40, 25))}
+    living = {name: np.ones(p.shape, bool) for name, p in probs.items()}
+    got = Factor((0.6,), mode, size_exponent=0.5).apply_layers(probs, living, 1)
+    spared = 0.6 ** ((10 / 1000) ** 0.5)  # 0.6 ** 0.1
+    if mode == "survival":
+        assert abs(got["small"].mean() - spared) < 1e-9 and abs(got["large"].mean() - 0.6) < 1e-9
+    else:
+        np.testing.assert_allclose(got["small"], spared * probs["small"], rtol=1e-15)
+        np.testing.assert_allclose(got["large"], 0.6 * probs["large"], rtol=1e-15)
+    plain = Factor((0.6,), mode).apply_layers(probs, living, 1)
+    np.testing.assert_array_equal(plain["large"], got["large"])
+    # A single layer is its own largest layer: the exponent changes nothing.
+    np.testing.assert_array_equal(
+        Factor((0.6,), mode, size_exponent=0.5).apply(probs["small"], living["small"], 1), plain["small"]
+    )
+
+
+@pytest.mark.parametrize("bad", [-0.1, 11.0, float("nan")])
+def test_size_exponent_out_of_range_is_refused(bad: float) -> None:
+    with pytest.raises(CaffeEvoError, match="size exponent must be in"):
+        Factor((0.5,), size_exponent=bad)
+
+
 def test_survival_mode_empirical_fraction_on_a_larger_layer() -> None:
     rng = np.random.default_rng(0)
     weights = {"fc": rng.normal(size=(100, 50))}
