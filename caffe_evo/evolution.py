@@ -379,6 +379,8 @@ class Evolution:
             "clusters": ancestor["ancestor_clusters"],
         }
 
+        layer_own = (("synapse", self.environment.layer_synapse), ("cluster", self.environment.layer_cluster))
+
         def finalize(work: Path, metrics: dict[str, Any]) -> dict[str, Any]:
             masking.save(work / lineage.MASKS_FILE, masks)
             return {
@@ -396,24 +398,13 @@ class Evolution:
                     "scope": self.config.factor_scope,
                     "size_exponent": self.config.size_exponent,
                     "layers": {
-                        name: {level: factor.at(generation) for level, factor in own.items()}
-                        for name, own in self._layer_factors().items()
+                        name: {level: own[name].at(generation) for level, own in layer_own if name in own}
+                        for name in self.config.layer_factors
                     },
                 },
             }
 
         return train(self.recipe, folder, options, finalize=finalize)
-
-    def _layer_factors(self) -> dict[str, dict[str, Factor]]:
-        """The layers' own factors by layer, then level."""
-        own: dict[str, dict[str, Factor]] = {}
-        for level, factors in (
-            ("synapse", self.environment.layer_synapse),
-            ("cluster", self.environment.layer_cluster),
-        ):
-            for name, factor in factors.items():
-                own.setdefault(name, {})[level] = factor
-        return own
 
     def _propose(
         self, parent: Parent, dna: dict[str, LayerDNA], generation: int, rng: np.random.Generator

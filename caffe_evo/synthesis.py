@@ -88,23 +88,22 @@ class Factor:
         return self.values[min(generation, len(self.values)) - 1]
 
     def apply(self, probs: np.ndarray, living: np.ndarray, generation: int) -> np.ndarray:
-        """Effective survival probabilities of one layer's units on its own; 0 where a unit is dead."""
-        return self.apply_layers({"": probs}, {"": living}, generation, scope="layer")[""]
+        """Effective survival probabilities of one layer's units on its own; 0 where a unit is dead.
+
+        A single layer is its own network and its own largest layer: scope and size exponent do nothing.
+        """
+        return self.apply_layers({"": probs}, {"": living}, generation)[""]
 
     def apply_layers(
-        self,
-        probs: dict[str, np.ndarray],
-        living: dict[str, np.ndarray],
-        generation: int,
-        scope: str | None = None,
+        self, probs: dict[str, np.ndarray], living: dict[str, np.ndarray], generation: int
     ) -> dict[str, np.ndarray]:
-        """Effective survival probabilities of several layers' units, at this factor's scope by default."""
+        """Effective survival probabilities of several layers' units, at this factor's scope."""
         for name, p in probs.items():
             if p.shape != living[name].shape:
                 raise CaffeEvoError(
                     f"probabilities {p.shape} and living units {living[name].shape} differ in shape"
                 )
-        per_layer = (scope or self.scope) == "layer"
+        per_layer = self.scope == "layer"
         factor = {name: self.at(generation) for name in probs}
         if per_layer and self.size_exponent:
             largest = max(p.size for p in probs.values())

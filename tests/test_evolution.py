@@ -197,12 +197,22 @@ def test_floor_stops_the_run_and_keeps_the_lineage(
 ) -> None:
     run = tmp_path / "run"
     config = small_config(
-        small_recipe, data_root, accuracy_floor=0.9999, max_attempts=2, generations=1, population=1
+        small_recipe,
+        data_root,
+        accuracy_floor=0.9999,
+        max_attempts=2,
+        generations=1,
+        population=1,
+        layer_factors={"conv1": {"cluster": "0.5"}},
     )
     with pytest.raises(CaffeEvoError, match=r"generation 1: no offspring reached .* in 2 attempts"):
         start(config, run, progress=False).run()
     assert (run / "gen_000" / "weights.caffemodel").is_file() and not (run / "gen_001").exists()
     assert sorted(p.name for p in (run / "candidates" / "gen_001").iterdir()) == ["a0_c0", "a1_c0"]
+    tried = run / "candidates" / "gen_001" / "a0_c0"
+    assert lineage.read_json(tried / "metrics.json")["environment"]["layers"] == {"conv1": {"cluster": 0.5}}
+    conv1 = masking.load(tried / "masks.npz")["conv1"]
+    assert conv1.reshape(20, -1).any(axis=1).sum() < 16  # its own factor: half the maps expected to die
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
