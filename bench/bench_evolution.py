@@ -25,6 +25,7 @@ import yaml
 
 from caffe_evo import lineage
 from caffe_evo.encoding import EncodingConfig
+from caffe_evo.errors import SelectionExhausted
 from caffe_evo.evolution import EvolutionConfig, start
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,8 +86,13 @@ def main() -> None:
         )
         assert isinstance(config.encoding, EncodingConfig)
         started = time.perf_counter()
-        history = start(config, run, progress=False).run()
+        stopped = None
+        try:
+            start(config, run, progress=False).run()
+        except SelectionExhausted as error:  # natural selection gave up: report the lineage kept so far
+            stopped = str(error)
         wall = time.perf_counter() - started
+        history = lineage.generations(run)
         breakdown = time_breakdown(run, history, wall, with_ancestor=args.ancestor is None)
         last, first = history[-1], history[0]
         print(f"\n== {level}-level encoding, seed {args.seed}, {run}")
@@ -97,6 +103,8 @@ def main() -> None:
             f"generation {last['generation']}: {last['synaptic_efficiency']:.2f}x synapses, "
             f"{last['cluster_efficiency']:.2f}x clusters, test accuracy -{drop:.2f} points"
         )
+        if stopped:
+            print(f"stopped: {stopped}")
         print(PUBLISHED)
         overhead = breakdown["mask_callback"] + breakdown["engine_rest"]
         print(

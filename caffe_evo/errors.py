@@ -7,3 +7,8 @@ class CaffeEvoError(Exception):
     Raised wherever bad input is detected (corrupt weights, a missing LMDB, nonsense options), so that
     the CLI can print ``caffe-evo: <message>`` instead of a traceback from deep inside.
     """
+
+
+class SelectionExhausted(CaffeEvoError):
+    """Natural selection found no offspring above the floor in the allowed attempts; the lineage written
+    so far is complete and kept."""

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from caffe_evo import atomic, baselines, compaction, lineage, masking, netstats, selection
 from caffe_evo.caffe_env import caffe_pb2, load_caffe
 from caffe_evo.encoding import EncodingConfig, LayerDNA, bias_mask, encode
-from caffe_evo.errors import CaffeEvoError
+from caffe_evo.errors import CaffeEvoError, SelectionExhausted
 from caffe_evo.measure import measure
 from caffe_evo.precision import check_choice
 from caffe_evo.recipe import DEPLOY_FILE, SOLVER_FILE, TRAIN_VAL_FILE, Recipe, set_solver_fields
@@ -447,7 +447,7 @@ class Evolution:
                 break
         else:
             best = max(c["val_accuracy"] for c in tried)
-            raise CaffeEvoError(
+            raise SelectionExhausted(
                 f"generation {generation}: no offspring reached the validation accuracy floor {floor:.4f} in "
                 f"{self.config.max_attempts} attempts (best {best:.4f}); lineage kept up to generation "
                 f"{generation - 1} in {self.run_dir}"
