@@ -25,7 +25,7 @@ import yaml
 
 from caffe_evo import lineage
 from caffe_evo.encoding import EncodingConfig
-from caffe_evo.errors import SelectionExhausted
+from caffe_evo.errors import CaffeEvoError, SelectionExhausted
 from caffe_evo.evolution import EvolutionConfig, start
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,27 +64,35 @@ def main() -> None:
     parser.add_argument("--encodings", default="synapse,cluster")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-evolution")
-    parser.add_argument("--config", type=Path, help="a YAML run configuration, e.g. experiments/cfgs/...")
+    parser.add_argument(
+        "--config", type=Path, help="a YAML run configuration, e.g. prototxt/lenet5/evolution.yaml"
+    )
     parser.add_argument("overrides", nargs="*", help="EvolutionConfig key=value, over --config")
     args = parser.parse_args()
+    if args.config and not args.config.is_file():
+        parser.error(f"--config: no such file: {args.config}")
     overrides = yaml.safe_load(args.config.read_text()) if args.config else {}
     overrides.update({k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.overrides)})
 
     for level in args.encodings.split(","):
         run = args.out / f"{level}-seed{args.seed}"
-        shutil.rmtree(run, ignore_errors=True)
-        config = EvolutionConfig.from_json(
-            {
-                "recipe": str(ROOT / "prototxt" / "lenet5"),
-                "generations": args.generations,
-                "seed": args.seed,
-                "ancestor": str(args.ancestor.resolve()) if args.ancestor else None,
-                "data_root": str(ROOT / "data"),
-                **overrides,
-                "encoding": {**overrides.get("encoding", {}), "level": level},
-            }
-        )
+        try:  # a bad option is reported before the previous run in `run` is replaced
+            config = EvolutionConfig.from_json(
+                {
+                    "recipe": str(ROOT / "prototxt" / "lenet5"),
+                    "generations": args.generations,
+                    "seed": args.seed,
+                    "ancestor": str(args.ancestor.resolve()) if args.ancestor else None,
+                    "data_root": str(ROOT / "data"),
+                    **overrides,
+                    "encoding": {**overrides.get("encoding", {}), "level": level},
+                }
+            )
+            config.validate()
+        except CaffeEvoError as error:
+            parser.error(str(error))
         assert isinstance(config.encoding, EncodingConfig)
+        shutil.rmtree(run, ignore_errors=True)
         started = time.perf_counter()
         stopped = None
         try:
