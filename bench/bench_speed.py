@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from caffe_evo import lineage
-from caffe_evo.compaction import net_cost, net_latency
-from caffe_evo.measure import COMPACT_DIR
+from caffe_evo.deploy.measure import COMPACT_DIR, net_cost, net_latency
 from caffe_evo.recipe import DEPLOY_FILE
 from caffe_evo.training import WEIGHTS_FILE
 from caffe_evo.weights import load_net

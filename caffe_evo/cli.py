@@ -154,7 +154,7 @@ def _cmd_evolve(args: argparse.Namespace) -> None:
 
 
 def _cmd_compact(args: argparse.Namespace) -> None:
-    from caffe_evo.measure import compact_generation
+    from caffe_evo.deploy.measure import compact_generation
 
     cost = compact_generation(args.generation, repeats=args.repeats)["cost"]
     full, small = cost["full"], cost["compact"]

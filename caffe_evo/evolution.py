@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from caffe_evo import atomic, baselines, compaction, lineage, masking, netstats, selection
+from caffe_evo import atomic, baselines, dependency, lineage, masking, netstats, selection
 from caffe_evo.caffe_env import caffe_pb2, load_caffe
+from caffe_evo.deploy.measure import measure
 from caffe_evo.encoding import EncodingConfig, LayerDNA, bias_mask, encode
 from caffe_evo.errors import CaffeEvoError, SelectionExhausted
-from caffe_evo.measure import measure
 from caffe_evo.precision import check_choice
 from caffe_evo.recipe import DEPLOY_FILE, SOLVER_FILE, TRAIN_VAL_FILE, Recipe, set_solver_fields
 from caffe_evo.stress import StressConfig, StressSignal
@@ -362,7 +362,7 @@ class Evolution:
         proposed = self._propose(parent, dna, generation, seeds.mask)
         if self.config.drop_unread:
             deploy = lineage.generation_dir(self.run_dir, parent.generation) / DEPLOY_FILE
-            proposed = compaction.drop_unread(deploy, parent.params, proposed)
+            proposed = dependency.drop_unread(deploy, parent.params, proposed)
         masks = {name: proposed.get(name, parent.masks[name]) for name in self.layers}
         options = TrainOptions(
             max_iter=self.config.iters_per_generation,

@@ -20,7 +20,9 @@ from conftest import RECIPES, no_partials
 
 from caffe_evo import masking
 from caffe_evo.caffe_env import load_caffe
-from caffe_evo.compaction import compact, cost, drop_unread, latency
+from caffe_evo.dependency import drop_unread
+from caffe_evo.deploy.compaction import compact
+from caffe_evo.deploy.measure import cost, latency
 from caffe_evo.errors import CaffeEvoError
 from data_prep.lmdb_io import iter_datum_lmdb
 

@@ -1,28 +1,23 @@
-"""Compaction: rewrite a masked network as a smaller dense Caffe network that computes the same function.
+"""The channel-dependency graph of a Caffe net, and the evolution's dependency step built on it.
 
-A mask makes nothing faster (METHOD.md section 6): Caffe multiplies the zeros all the same. Compaction
-removes dead clusters physically: a Convolution/InnerProduct output channel leaves the network, with the
-matching input channels of every consumer, when no reader needs it. A reader does not need a channel when
-it has no living synapse on it, or when the channel is one known constant (a neuron without living
-synapses outputs its bias; ReLU, BatchNorm, Scale, pooling, ... map it to another constant) that the
-reader folds into its own bias. Folding into a Convolution needs ``pad == 0``, so that every output sees
-the whole kernel; a zero constant needs no folding at all.
+Like Torch-Pruning's dependency graph, this says which channels are tied together and which must stay;
+what is then done with that is elsewhere: :func:`drop_unread` (here) removes the synapses that cannot change
+the output, :mod:`caffe_evo.deploy.compaction` rewrites the net without the removable channels.
 
 Channels are tracked as classes: a channel-wise layer (ReLU, BatchNorm, Pooling, ...) passes channel i
 to channel i, Concat stacks its inputs' channels, and Eltwise ties channel i of all its inputs and its
 output together. A class is removed whole or kept whole, so every blob keeps a consistent channel set.
-Net inputs and outputs, and the inputs of layers that mix channels (Softmax, LRN ACROSS_CHANNELS), are
-kept, as are the channels a grouped convolution needs for equal groups and one channel of any blob that
-would otherwise be empty.
-
-The compact network is checked before it is published: it and the masked network run on the same random
-input and must agree.
+A channel is also followed as a constant where it is one (a neuron without living synapses outputs its
+bias; ReLU, BatchNorm, Scale, pooling, ... map it to another constant), so that a reader can fold it
+into its own bias; folding into a Convolution needs ``pad == 0``, so that every output sees the whole
+kernel, and a zero constant needs no folding at all. Net inputs and outputs, and the inputs of layers
+that mix channels (Softmax, LRN ACROSS_CHANNELS), are kept, as are the channels a grouped convolution
+needs for equal groups and one channel of any blob that would otherwise be empty.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -30,27 +25,22 @@ from typing import Any
 
 import numpy as np
 
-from caffe_evo import atomic, masking
 from caffe_evo.caffe_env import caffe_pb2, load_caffe
 from caffe_evo.encoding import bias_mask
 from caffe_evo.errors import CaffeEvoError
-from caffe_evo.recipe import DEPLOY_FILE, parse_prototxt, to_prototxt
-from caffe_evo.training import WEIGHTS_FILE
-from caffe_evo.weights import load_net
+from caffe_evo.recipe import parse_prototxt
 
-_WEIGHTED = ("Convolution", "InnerProduct")
+WEIGHTED = ("Convolution", "InnerProduct")
 # Besides these, Concat and Eltwise: every other layer maps input channel i to output channel i, except
 # Softmax and LRN ACROSS_CHANNELS, which mix channels and so keep all of theirs.
-_SUPPORTED = frozenset(
+SUPPORTED = frozenset(
     "Input Convolution InnerProduct Concat Eltwise Softmax "
     "ReLU PReLU Dropout BatchNorm Scale Bias Flatten Split Pooling LRN".split()
 )
-# The self-check allows float32 rounding: folded biases are summed in another order than Caffe's.
-_SELF_CHECK_TOLERANCE = 1e-4
 
 
 @dataclass
-class _Blob:
+class Blob:
     """One value of a named blob: an in-place layer (top == bottom) makes a new version of the same name."""
 
     name: str
@@ -61,13 +51,13 @@ class _Blob:
 
 
 @dataclass
-class _Step:
+class Step:
     """A layer with the blob versions it reads and writes, and for Convolution/InnerProduct what it reads."""
 
     layer: Any  # caffe_pb2.LayerParameter
-    bottoms: list[_Blob]
+    bottoms: list[Blob]
     params: list[np.ndarray]
-    tops: list[_Blob] | None = None
+    tops: list[Blob] | None = None
     blocking: np.ndarray | None = None  # (out, C): output j reads input channel i and cannot fold it
     fold: np.ndarray | None = None  # input channels holding a non-zero constant that can be folded
     fold_sums: np.ndarray | None = None  # (out, len(fold)): output j's weight sum over each such channel
@@ -77,14 +67,14 @@ def _unsupported(layer: Any, why: str) -> CaffeEvoError:
     return CaffeEvoError(f"layer '{layer.name}' ({layer.type}): {why}; compaction does not support it")
 
 
-def _single_bottom(step: _Step) -> _Blob:
+def _single_bottom(step: Step) -> Blob:
     layer = step.layer
     if len(step.bottoms) != 1 or (len(layer.top) != 1 and layer.type != "Split"):
         raise _unsupported(layer, f"{len(step.bottoms)} bottoms and {len(layer.top)} tops")
     return step.bottoms[0]
 
 
-def _per_input_channel(step: _Step, values: np.ndarray, channels: np.ndarray, reduce: Any) -> np.ndarray:
+def per_input_channel(step: Step, values: np.ndarray, channels: np.ndarray, reduce: Any) -> np.ndarray:
     """``reduce`` of each output's weight-shaped ``values`` over the taps of each input channel in
     ``channels``: shape (out, len(channels)), 0 where a channel lies outside the output's group."""
     bottom, out = step.bottoms[0], values.shape[0]
@@ -102,17 +92,17 @@ def _padded(layer: Any) -> bool:
     return any(pads) or bool(param.pad_h or param.pad_w)
 
 
-class _Analysis:
+class ChannelGraph:
     """Blob versions, channel classes and constants of a net, then which classes must stay."""
 
     def __init__(self, proto: Any, net: Any) -> None:
         self._parent: list[int] = []
-        self.blobs: list[_Blob] = []
-        self.steps: list[_Step] = []
+        self.blobs: list[Blob] = []
+        self.steps: list[Step] = []
         self.notes: list[str] = []
         self._kept_for: dict[str, int] = {}  # layer -> channels kept only to keep its groups equal
-        seeds: list[_Blob] = []  # blobs whose channels all stay
-        current: dict[str, _Blob] = {}
+        seeds: list[Blob] = []  # blobs whose channels all stay
+        current: dict[str, Blob] = {}
         for name in proto.input:  # legacy `input:` fields
             current[name] = self._fresh(name, net.blobs[name].data.shape)
             seeds.append(current[name])
@@ -121,7 +111,7 @@ class _Analysis:
             if layer.name not in built:  # excluded from the TEST phase
                 continue
             params = [blob.data for blob in net.params[layer.name]] if layer.name in net.params else []
-            step = _Step(layer, [current[name] for name in layer.bottom], params)
+            step = Step(layer, [current[name] for name in layer.bottom], params)
             step.tops = self._transfer(step, net, seeds)
             current.update((top.name, top) for top in step.tops)
             self.steps.append(step)
@@ -144,23 +134,23 @@ class _Analysis:
             node = self._parent[node]
         return node
 
-    def _fresh(self, name: str, shape: tuple[int, ...], const: np.ndarray | None = None) -> _Blob:
+    def _fresh(self, name: str, shape: tuple[int, ...], const: np.ndarray | None = None) -> Blob:
         channels = shape[1] if len(shape) > 1 else 1
         const = np.full(channels, np.nan) if const is None else const
-        blob = _Blob(name, channels, math.prod(shape[2:]), self._new_nodes(channels), const)
+        blob = Blob(name, channels, math.prod(shape[2:]), self._new_nodes(channels), const)
         self.blobs.append(blob)
         return blob
 
-    def _derived(self, name: str, nodes: np.ndarray, inner: int, const: np.ndarray) -> _Blob:
+    def _derived(self, name: str, nodes: np.ndarray, inner: int, const: np.ndarray) -> Blob:
         """A blob whose channels are (tied to) channels of blobs before it."""
-        blob = _Blob(name, len(nodes), inner, nodes, const)
+        blob = Blob(name, len(nodes), inner, nodes, const)
         self.blobs.append(blob)
         return blob
 
-    def keep(self, blob: _Blob) -> np.ndarray:
+    def keep(self, blob: Blob) -> np.ndarray:
         return self._pinned[self._root[blob.nodes]]
 
-    def pin(self, blob: _Blob, channels: np.ndarray) -> bool:
+    def pin(self, blob: Blob, channels: np.ndarray) -> bool:
         """Keep these channels' classes; True if that changed anything."""
         roots = self._root[blob.nodes[channels]]
         changed = not self._pinned[roots].all()
@@ -169,13 +159,13 @@ class _Analysis:
 
     # -- forward pass: shapes, classes, constants --
 
-    def _transfer(self, step: _Step, net: Any, seeds: list[_Blob]) -> list[_Blob]:
+    def _transfer(self, step: Step, net: Any, seeds: list[Blob]) -> list[Blob]:
         layer, kind = step.layer, step.layer.type
         if kind == "Input":
             tops = [self._fresh(name, net.blobs[name].data.shape) for name in layer.top]
             seeds.extend(tops)
             return tops
-        if kind in _WEIGHTED:
+        if kind in WEIGHTED:
             return [self._weighted(step, net.blobs[layer.top[0]].data.shape)]
         if kind == "Concat":
             return [self._concat(step)]
@@ -199,7 +189,7 @@ class _Analysis:
             for name in layer.top
         ]
 
-    def _channel_const(self, step: _Step, bottom: _Blob) -> np.ndarray:
+    def _channel_const(self, step: Step, bottom: Blob) -> np.ndarray:
         """The constant channels after a channel-wise layer (float64, as exact as Caffe's float32 allows)."""
         layer, c, params = step.layer, bottom.const, [p.astype(np.float64) for p in step.params]
         per_channel = {"BatchNorm": params[:2], "Scale": params, "Bias": params}.get(layer.type, [])
@@ -238,7 +228,7 @@ class _Analysis:
             return np.where(c == 0, 0.0, np.nan)  # a zero channel stays zero; other constants blur at borders
         return c  # Dropout (the identity at test time), Flatten, Split
 
-    def _weighted(self, step: _Step, top_shape: tuple[int, ...]) -> _Blob:
+    def _weighted(self, step: Step, top_shape: tuple[int, ...]) -> Blob:
         layer, bottom = step.layer, _single_bottom(step)
         conv = layer.type == "Convolution"
         param = layer.convolution_param if conv else layer.inner_product_param
@@ -251,14 +241,14 @@ class _Analysis:
             )
         c = bottom.const
         foldable = (c == 0) if conv and _padded(layer) else np.isfinite(c)
-        step.blocking = _per_input_channel(step, weights != 0, np.arange(bottom.channels), np.any) & ~foldable
+        step.blocking = per_input_channel(step, weights != 0, np.arange(bottom.channels), np.any) & ~foldable
         step.fold = np.flatnonzero(foldable & (c != 0))
-        step.fold_sums = _per_input_channel(step, weights, step.fold, partial(np.sum, dtype=np.float64))
+        step.fold_sums = per_input_channel(step, weights, step.fold, partial(np.sum, dtype=np.float64))
         bias = step.params[1].astype(np.float64) if param.bias_term else 0.0
         const = np.where(step.blocking.any(axis=1), np.nan, bias + step.fold_sums @ c[step.fold])
         return self._fresh(layer.top[0], top_shape, const)
 
-    def _concat(self, step: _Step) -> _Blob:
+    def _concat(self, step: Step) -> Blob:
         layer, bottoms = step.layer, step.bottoms
         param = layer.concat_param
         axis = param.concat_dim if param.HasField("concat_dim") else param.axis
@@ -269,7 +259,7 @@ class _Analysis:
             layer.top[0], np.concatenate([b.nodes for b in bottoms]), bottoms[0].inner, const
         )
 
-    def _eltwise(self, step: _Step) -> _Blob:
+    def _eltwise(self, step: Step) -> Blob:
         layer, bottoms = step.layer, step.bottoms
         if len(layer.top) != 1:
             raise _unsupported(layer, f"{len(layer.top)} tops")
@@ -312,7 +302,7 @@ class _Analysis:
             for name, count in self._kept_for.items()
         ]
 
-    def _balance(self, blob: _Blob, layer: Any) -> bool:
+    def _balance(self, blob: Blob, layer: Any) -> bool:
         """Caffe needs as many channels in every group: keep removable ones where a group has fewer."""
         keep = self.keep(blob).reshape(layer.convolution_param.group, -1)
         short = keep.sum(axis=1).max() - keep.sum(axis=1)
@@ -326,61 +316,8 @@ class _Analysis:
         self._kept_for[layer.name] = self._kept_for.get(layer.name, 0) + len(extra_channels)
         return self.pin(blob, extra_channels)
 
-    # -- the compact network --
 
-    def rewrite(self, proto: Any) -> tuple[Any, dict[str, list[np.ndarray]], dict[str, dict[str, Any]]]:
-        """The compact NetParameter, its parameter blobs by layer, and per-layer channel counts."""
-        compact = type(proto)()
-        compact.CopyFrom(proto)
-        del compact.layer[:]
-        params: dict[str, list[np.ndarray]] = {}
-        layers: dict[str, dict[str, Any]] = {}
-        for step in self.steps:
-            layer = compact.layer.add()
-            layer.CopyFrom(step.layer)
-            if step.blocking is not None:
-                params[layer.name], layers[layer.name] = self._rewrite_weighted(step, layer)
-            elif step.params:  # channel-wise parameters (BatchNorm's scale factor is not one of them)
-                bottom = step.bottoms[0]
-                keep = self.keep(bottom)
-                params[layer.name] = [
-                    p[keep] if p.shape == (bottom.channels,) else p.copy() for p in step.params
-                ]
-        return compact, params, layers
-
-    def _rewrite_weighted(self, step: _Step, layer: Any) -> tuple[list[np.ndarray], dict[str, Any]]:
-        bottom, out = step.bottoms[0], step.params[0].shape[0]
-        keep_in, keep_out = self.keep(bottom), self.keep(step.tops[0])
-        weights, rows = step.params[0], np.flatnonzero(keep_out)
-        param = layer.convolution_param if layer.type == "Convolution" else layer.inner_product_param
-        removed = ~keep_in[step.fold]
-        delta = step.fold_sums[:, removed] @ bottom.const[step.fold[removed]]
-        if layer.type == "Convolution":  # kept inputs are balanced: as many per group, in group order
-            per_group = bottom.channels // param.group
-            local = np.flatnonzero(keep_in).reshape(param.group, -1) % per_group
-            new_weights = weights[rows[:, None], local[rows // (out // param.group)]]
-        else:
-            columns = (np.flatnonzero(keep_in)[:, None] * bottom.inner + np.arange(bottom.inner)).ravel()
-            new_weights = weights[rows][:, columns]
-        bias = step.params[1].astype(np.float64) if param.bias_term else np.zeros(out)
-        new_bias = (bias + delta)[rows]
-        blobs = [new_weights]
-        if not param.bias_term and new_bias.any():  # a folded constant needs a bias where there was none
-            param.bias_term = True
-        if param.bias_term:
-            blobs.append(new_bias.astype(np.float32))
-        param.num_output = len(rows)
-        counts = {
-            "type": layer.type,
-            "channels": out,
-            "kept": len(rows),
-            "removed": out - len(rows),
-            "folded": int(np.count_nonzero(step.fold_sums[:, removed].any(axis=0))),
-        }
-        return blobs, counts
-
-
-def _drop_input_channels(step: _Step, mask: np.ndarray, channels: np.ndarray) -> None:
+def _drop_input_channels(step: Step, mask: np.ndarray, channels: np.ndarray) -> None:
     """Clear, in place, every synapse of ``mask`` (the step's weight shape) on these input channels."""
     if step.layer.type == "InnerProduct":
         mask.reshape(mask.shape[0], step.bottoms[0].channels, -1)[:, channels] = False
@@ -406,7 +343,7 @@ def drop_unread(deploy: Path, params: dict[str, list[np.ndarray]], masks: dict[s
     """
     deploy = Path(deploy)
     proto = parse_prototxt(deploy, caffe_pb2().NetParameter())
-    _check_supported(proto, deploy)
+    check_supported(proto, deploy)
     caffe = load_caffe()
     net = caffe.Net(str(deploy), caffe.TEST)
     for name, arrays in params.items():
@@ -419,15 +356,15 @@ def drop_unread(deploy: Path, params: dict[str, list[np.ndarray]], masks: dict[s
             blobs[0].data[...] = mask
             if len(blobs) > 1:
                 blobs[1].data[...] = bias_mask(mask)
-        analysis = _Analysis(proto, net)
-        read = analysis._pinned.copy()  # per class root: net inputs and outputs, channel-mixing inputs
-        weighted = [step for step in analysis.steps if step.blocking is not None]
+        graph = ChannelGraph(proto, net)
+        read = graph._pinned.copy()  # per class root: net inputs and outputs, channel-mixing inputs
+        weighted = [step for step in graph.steps if step.blocking is not None]
         for step in weighted:
             living = step.params[0] != 0
             rows = living.reshape(len(living), -1).any(axis=1)
             bottom = step.bottoms[0]
-            reads = _per_input_channel(step, living, np.arange(bottom.channels), np.any)[rows].any(axis=0)
-            read[analysis._root[bottom.nodes[reads]]] = True
+            reads = per_input_channel(step, living, np.arange(bottom.channels), np.any)[rows].any(axis=0)
+            read[graph._root[bottom.nodes[reads]]] = True
         changed = False
         for step in weighted:
             mask = masks.get(step.layer.name)
@@ -435,148 +372,22 @@ def drop_unread(deploy: Path, params: dict[str, list[np.ndarray]], masks: dict[s
                 continue
             before = int(np.count_nonzero(mask))
             _drop_input_channels(step, mask, np.flatnonzero(step.bottoms[0].const == 0))
-            mask[~read[analysis._root[step.tops[0].nodes]]] = False
+            mask[~read[graph._root[step.tops[0].nodes]]] = False
             changed |= int(np.count_nonzero(mask)) != before
         if not changed:
             return masks
 
 
-def _check_supported(proto: Any, deploy: Path) -> None:
+def check_supported(proto: Any, deploy: Path) -> None:
     if proto.layers:
         raise CaffeEvoError(f"{deploy}: V1 `layers` format; upgrade it with Caffe's upgrade_net_proto_text")
     names = [layer.name for layer in proto.layer]
     for layer in proto.layer:
         if names.count(layer.name) > 1:
             raise CaffeEvoError(f"{deploy}: layer name '{layer.name}' is used more than once")
-        if layer.type not in _SUPPORTED:
+        if layer.type not in SUPPORTED:
             raise CaffeEvoError(
                 f"layer '{layer.name}' has type {layer.type} that compaction does not support"
             )
         if any(spec.name for spec in layer.param):
             raise _unsupported(layer, "parameters shared with other layers")
-
-
-def _count_params(net: Any) -> int:
-    return sum(blob.data.size for blobs in net.params.values() for blob in blobs)
-
-
-def _self_check(full: Any, small: Any) -> float:
-    """Largest output difference of the two nets on one random input; a real difference is a bug here."""
-    rng = np.random.default_rng(0)
-    feed = {name: rng.standard_normal(full.blobs[name].data.shape).astype(np.float32) for name in full.inputs}
-    full.forward(**feed)
-    small.forward(**feed)
-    worst = 0.0
-    for name in full.outputs:
-        want, got = full.blobs[name].data, small.blobs[name].data
-        diff = float(np.max(np.abs(want - got)))
-        if not diff <= _SELF_CHECK_TOLERANCE * max(1.0, float(np.max(np.abs(want)))):
-            raise CaffeEvoError(f"compaction changed output '{name}' by up to {diff:.3g}: a caffe-evo bug")
-        worst = max(worst, diff)
-    return worst
-
-
-def compact(deploy: Path, weights: Path, out_dir: Path, masks: dict[str, np.ndarray] | None = None) -> dict:
-    """Write ``out_dir/deploy.prototxt`` and ``out_dir/weights.caffemodel``: same function, fewer channels.
-
-    ``masks`` (bool, weight-shaped, by layer) are applied first as masked training applies them (pruned
-    synapses, and the bias of a neuron without living synapses, become 0); without them the zeros in the
-    weights are the dead synapses. Returns per-layer channel counts (``folded``: removed input channels
-    whose constant went into the layer's bias), totals, parameter counts, notes on channels kept for
-    structural reasons, and ``max_abs_diff`` of the self-check.
-    """
-    deploy, weights, out_dir = Path(deploy), Path(weights), Path(out_dir)
-    if out_dir.exists():
-        raise CaffeEvoError(f"{out_dir} exists; compaction writes a new folder")
-    proto = parse_prototxt(deploy, caffe_pb2().NetParameter())
-    _check_supported(proto, deploy)
-    full = load_net(deploy, weights)
-    if masks is not None:
-        masking.apply(full, masking.from_weight_masks(masks, full))
-    analysis = _Analysis(proto, full)
-    analysis.decide()
-    compact_proto, params, layers = analysis.rewrite(proto)
-    caffe = load_caffe()
-    with atomic.atomic_path(out_dir, directory=True) as tmp:
-        (tmp / DEPLOY_FILE).write_text(to_prototxt(compact_proto))
-        small = caffe.Net(str(tmp / DEPLOY_FILE), caffe.TEST)
-        for name, blobs in params.items():
-            for blob, values in zip(small.params[name], blobs, strict=True):
-                blob.data[...] = values
-        small.save(str(tmp / WEIGHTS_FILE))
-        max_abs_diff = _self_check(full, small)
-    return {
-        "layers": layers,
-        "channels": sum(layer["channels"] for layer in layers.values()),
-        "kept": sum(layer["kept"] for layer in layers.values()),
-        "removed": sum(layer["removed"] for layer in layers.values()),
-        "params_before": _count_params(full),
-        "params_after": _count_params(small),
-        "notes": analysis.notes,
-        "max_abs_diff": max_abs_diff,
-    }
-
-
-def cost(deploy: Path, weights: Path | None = None) -> dict:
-    """Parameters, synapses, clusters and multiply-accumulates per image, per layer and in total.
-
-    Synapses are non-zero weights and clusters output channels with any; without ``weights`` every
-    weight counts as living (the architecture's cost). MACs count Convolution and InnerProduct only.
-    """
-    weights = None if weights is None else Path(weights)
-    return net_cost(load_net(Path(deploy), weights), weights)
-
-
-def net_cost(net: Any, weights: Path | None) -> dict:
-    """:func:`cost` of a net already loaded (from ``weights``, or None for the architecture alone)."""
-    layers: dict[str, dict[str, Any]] = {}
-    for name, blobs in net.params.items():
-        kind = net.layer_dict[name].type
-        entry: dict[str, Any] = {"type": kind, "params": sum(blob.data.size for blob in blobs)}
-        if kind in _WEIGHTED:
-            w = blobs[0].data
-            living = (w != 0 if weights is not None else np.ones(w.shape, dtype=bool)).reshape(len(w), -1)
-            top_shape = net.blobs[net.top_names[name][0]].data.shape
-            entry["synapses"] = int(np.count_nonzero(living))
-            entry["clusters"] = int(np.count_nonzero(living.any(axis=1)))
-            entry["macs"] = w.size * math.prod(top_shape[2:])
-        layers[name] = entry
-    keys = ("params", "synapses", "clusters", "macs")
-    totals = {key: sum(layer.get(key, 0) for layer in layers.values()) for key in keys}
-    result: dict[str, Any] = {"layers": layers, **totals}
-    if weights is not None:
-        result["file_bytes"] = weights.stat().st_size
-    return result
-
-
-def latency(deploy: Path, weights: Path, batch: int, repeats: int = 30, warmup: int = 5) -> dict:
-    """Median wall time of one pycaffe CPU forward pass at ``batch`` images, after ``warmup`` passes."""
-    return net_latency(load_net(Path(deploy), Path(weights)), batch, repeats, warmup)
-
-
-def net_latency(net: Any, batch: int, repeats: int = 30, warmup: int = 5) -> dict:
-    """:func:`latency` of a net already loaded; the net's inputs are reshaped to ``batch``."""
-    if batch < 1 or repeats < 1 or warmup < 0:
-        raise CaffeEvoError(
-            f"latency needs batch >= 1, repeats >= 1, warmup >= 0 (got {batch}, {repeats}, {warmup})"
-        )
-    rng = np.random.default_rng(0)
-    for name in net.inputs:
-        net.blobs[name].reshape(batch, *net.blobs[name].data.shape[1:])
-    net.reshape()
-    for name in net.inputs:
-        net.blobs[name].data[...] = rng.standard_normal(net.blobs[name].data.shape)
-    for _ in range(warmup):
-        net.forward()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        net.forward()
-        seconds.append(time.perf_counter() - start)
-    median_ms = float(np.median(seconds)) * 1000
-    return {
-        "batch": batch,
-        "repeats": repeats,
-        "median_ms": median_ms,
-        "images_per_s": batch * 1000 / median_ms,
-    }

@@ -1,0 +1,1 @@
+"""After training: compaction into a smaller dense Caffe net, cost and speed measurement, export."""
