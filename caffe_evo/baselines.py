@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from caffe_evo.dependency import keep_outputs
 from caffe_evo.encoding import Masks, Params
 
 METHODS = ("evolution", "magnitude", "l1-filter", "retrain-mask")
@@ -30,8 +31,19 @@ def _smallest(values: np.ndarray, count: int) -> np.ndarray:
     return np.argsort(values, kind="stable")[:count]
 
 
-def magnitude_masks(weights: Params, masks: Masks, fraction: float, scope: str) -> Masks:
-    """Remove ``fraction`` of the living synapses with the smallest |w| (per layer, or over all layers)."""
+def magnitude_masks(
+    weights: Params, masks: Masks, fraction: float, scope: str, protected: frozenset[str] = frozenset()
+) -> Masks:
+    """Remove ``fraction`` of the living synapses with the smallest |w| (per layer, or over all layers).
+
+    As in every method, a neuron of a ``protected`` layer (a net output) that lost every input keeps its
+    strongest (:func:`caffe_evo.dependency.keep_outputs`): Han et al. prune weights, never outputs.
+    """
+    strength = {name: np.abs(weights[name]) for name in masks}
+    return keep_outputs(_magnitude(weights, masks, fraction, scope), masks, strength, protected)
+
+
+def _magnitude(weights: Params, masks: Masks, fraction: float, scope: str) -> Masks:
     if scope == "layer":
         out = {}
         for name, mask in masks.items():
@@ -60,7 +72,7 @@ def magnitude_masks(weights: Params, masks: Masks, fraction: float, scope: str) 
 def l1_filter_masks(weights: Params, masks: Masks, fraction: float, protected: frozenset[str]) -> Masks:
     """Remove ``fraction`` of each layer's living output kernels with the smallest L1 norm.
 
-    The protected layer (the final classifier) keeps every output.
+    The protected layers (the net's outputs) keep every output kernel.
     """
     out = {}
     for name, mask in masks.items():

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from caffe_evo.caffe_env import caffe_pb2, load_caffe
-from caffe_evo.encoding import bias_mask
+from caffe_evo.encoding import Masks, bias_mask
 from caffe_evo.errors import CaffeEvoError
 from caffe_evo.recipe import parse_prototxt
 
@@ -35,8 +35,76 @@ WEIGHTED = ("Convolution", "InnerProduct")
 # Softmax and LRN ACROSS_CHANNELS, which mix channels and so keep all of theirs.
 SUPPORTED = frozenset(
     "Input Convolution InnerProduct Concat Eltwise Softmax "
-    "ReLU PReLU Dropout BatchNorm Scale Bias Flatten Split Pooling LRN".split()
+    "ReLU PReLU Dropout BatchNorm Scale Bias Flatten Split Pooling LRN Sigmoid Power".split()
 )
+# Layers whose output channel i comes from input channel i (or, for Concat, one input's channel): an
+# output of a Convolution/InnerProduct that reaches a net output through these is one of the net's outputs.
+# Beyond SUPPORTED, the element-wise activations that output heads end with (e.g. DetectNet's coverage).
+_CHANNEL_PRESERVING = (SUPPORTED - {"Input", *WEIGHTED}) | frozenset(
+    "Sigmoid TanH AbsVal Power Exp Log ELU BNLL Clip Swish".split()
+)
+
+
+def _in_test_phase(layer: Any) -> bool:
+    test = caffe_pb2().TEST
+    if any(rule.HasField("phase") and rule.phase == test for rule in layer.exclude):
+        return False
+    return not layer.include or any(
+        not rule.HasField("phase") or rule.phase == test for rule in layer.include
+    )
+
+
+def output_layers(proto: Any) -> frozenset[str]:
+    """The Convolution/InnerProduct layers of the NetParameter ``proto`` (a deploy net) whose outputs
+    reach a net output (a blob no later layer reads) through channel-preserving layers only: a
+    classifier, or each head of a detection net (coverage and bbox). These must never lose an output."""
+    reaching: dict[str, frozenset[str]] = {}  # blob -> weighted layers whose channels it carries
+    unread: set[str] = set(proto.input)
+    for layer in proto.layer:
+        if not _in_test_phase(layer):
+            continue
+        if layer.type in WEIGHTED:
+            carried = frozenset({layer.name})
+        elif layer.type in _CHANNEL_PRESERVING:
+            carried = frozenset().union(*(reaching.get(name, frozenset()) for name in layer.bottom))
+        else:
+            carried = frozenset()
+        unread.difference_update(layer.bottom)
+        for top in layer.top:
+            reaching[top] = carried
+            unread.add(top)
+    return frozenset().union(*(reaching.get(name, frozenset()) for name in unread))
+
+
+def keep_outputs(
+    masks: Masks,
+    parent: Masks,
+    preference: dict[str, np.ndarray],
+    outputs: frozenset[str],
+    readable: Masks | None = None,
+) -> Masks:
+    """``masks`` where every output neuron of an ``outputs`` layer that the parent had and that lost all
+    its input synapses gets one back: its most preferred parent synapse among those that read a living
+    channel (``readable``, weight-shaped; None = every parent synapse), else its most preferred at all,
+    which keeps at least its bias. The one protection rule of every mask-editing step.
+
+    ``preference`` is weight-shaped and >= 0: the synapse probabilities, or |w| (the same order in a layer).
+    """
+    result = dict(masks)
+    for name in outputs & masks.keys():
+        rows, was = masks[name].reshape(len(masks[name]), -1), parent[name].reshape(len(masks[name]), -1)
+        lost = np.flatnonzero(was.any(axis=1) & ~rows.any(axis=1))
+        if not lost.size:
+            continue
+        score = np.where(was, preference[name].reshape(was.shape), -np.inf)
+        usable = was if readable is None else was & readable[name].reshape(was.shape)
+        best = np.where(
+            usable.any(axis=1), np.where(usable, score, -np.inf).argmax(axis=1), score.argmax(axis=1)
+        )
+        rows = rows.copy()
+        rows[lost, best[lost]] = True
+        result[name] = rows.reshape(masks[name].shape)
+    return result
 
 
 @dataclass
@@ -226,6 +294,11 @@ class ChannelGraph:
                 return c
         if layer.type in ("Pooling", "LRN"):
             return np.where(c == 0, 0.0, np.nan)  # a zero channel stays zero; other constants blur at borders
+        if layer.type == "Sigmoid":  # DetectNet's coverage head
+            return 1.0 / (1.0 + np.exp(-c))
+        if layer.type == "Power":  # DetectNet's deploy-time mean subtraction
+            power = layer.power_param
+            return (power.shift + power.scale * c) ** power.power
         return c  # Dropout (the identity at test time), Flatten, Split
 
     def _weighted(self, step: Step, top_shape: tuple[int, ...]) -> Blob:
@@ -329,17 +402,27 @@ def _drop_input_channels(step: Step, mask: np.ndarray, channels: np.ndarray) -> 
         mask[group * rows_per_group : (group + 1) * rows_per_group, channel % per_group] = False
 
 
-def drop_unread(deploy: Path, params: dict[str, list[np.ndarray]], masks: dict[str, np.ndarray]) -> dict:
+def drop_unread(
+    deploy: Path,
+    params: dict[str, list[np.ndarray]],
+    masks: Masks,
+    outputs: frozenset[str] = frozenset(),
+    parent: Masks | None = None,
+) -> Masks:
     """``masks`` without the synapses that cannot change the network's output, until none is left.
 
-    Two kinds, both removed without changing what the masked network computes: a synapse that reads a
-    channel which is zero for every input (every producer of the channel is dead, and the layers in
-    between keep zero at zero), and the synapses of an output channel that no living synapse, net output
-    or channel-mixing layer reads. Removing one can make more of them (a neuron whose inputs all died is
-    dead itself), hence the repetition. Whether a channel is zero is decided by the structure: living
-    synapses and biases count as non-zero whatever their values, so the answer does not depend on the
-    weights of the evolving layers; the other layers' parameters (``params``, e.g. BatchNorm statistics)
-    do matter, as BatchNorm turns a zero channel into a constant that is not zero.
+    Two kinds: a synapse that reads a channel which is zero for every input (every producer of the
+    channel is dead, and the layers in between keep zero at zero), and the synapses of an output channel
+    that no living synapse, net output or channel-mixing layer reads. Removing one can make more of them
+    (a neuron whose inputs all died is dead itself), hence the repetition. The network then computes
+    what it computed before except at neurons left reading only zero channels: they lose their bias too
+    (:func:`caffe_evo.encoding.bias_mask`), so their output changes from a constant to zero. Such a
+    neuron of an ``outputs`` layer (:func:`output_layers`) is given back one synapse of ``parent``
+    (default: ``masks``) on a living channel, its strongest by ``params``' |w| (:func:`keep_outputs`).
+    Whether a channel is zero is decided by the structure: living synapses and biases count as non-zero
+    whatever their values, so the answer does not depend on the weights of the evolving layers; the
+    other layers' parameters (``params``, e.g. BatchNorm statistics) do matter, as BatchNorm turns a zero
+    channel into a constant that is not zero.
     """
     deploy = Path(deploy)
     proto = parse_prototxt(deploy, caffe_pb2().NetParameter())
@@ -349,7 +432,7 @@ def drop_unread(deploy: Path, params: dict[str, list[np.ndarray]], masks: dict[s
     for name, arrays in params.items():
         for blob, array in zip(net.params[name], arrays, strict=True):
             blob.data[...] = array
-    masks = {name: mask.copy() for name, mask in masks.items()}
+    original, masks = masks, {name: mask.copy() for name, mask in masks.items()}
     while True:
         for name, mask in masks.items():
             blobs = net.params[name]
@@ -366,16 +449,22 @@ def drop_unread(deploy: Path, params: dict[str, list[np.ndarray]], masks: dict[s
             reads = per_input_channel(step, living, np.arange(bottom.channels), np.any)[rows].any(axis=0)
             read[graph._root[bottom.nodes[reads]]] = True
         changed = False
+        readable: Masks = {}
         for step in weighted:
             mask = masks.get(step.layer.name)
             if mask is None:
                 continue
             before = int(np.count_nonzero(mask))
-            _drop_input_channels(step, mask, np.flatnonzero(step.bottoms[0].const == 0))
+            zero = np.flatnonzero(step.bottoms[0].const == 0)
+            _drop_input_channels(step, mask, zero)
             mask[~read[graph._root[step.tops[0].nodes]]] = False
             changed |= int(np.count_nonzero(mask)) != before
+            readable[step.layer.name] = np.ones(mask.shape, dtype=bool)
+            _drop_input_channels(step, readable[step.layer.name], zero)
         if not changed:
-            return masks
+            # A synapse given back reads a living channel, so it makes no other synapse removable.
+            strength = {name: np.abs(params[name][0]) for name in outputs & masks.keys()}
+            return keep_outputs(masks, original if parent is None else parent, strength, outputs, readable)
 
 
 def check_supported(proto: Any, deploy: Path) -> None:
@@ -391,3 +480,25 @@ def check_supported(proto: Any, deploy: Path) -> None:
             )
         if any(spec.name for spec in layer.param):
             raise _unsupported(layer, "parameters shared with other layers")
+
+
+def tied_channels(deploy: Path, layers: list[str]) -> dict[str, np.ndarray]:
+    """Per Convolution/InnerProduct layer of ``layers``, the tied class of each output channel, -1 where
+    the channel is tied to no other of these layers' channels (an Eltwise ties channel i of its inputs).
+
+    Only the structure counts, so the net is built with its fillers' values.
+    """
+    deploy = Path(deploy)
+    proto = parse_prototxt(deploy, caffe_pb2().NetParameter())
+    check_supported(proto, deploy)
+    caffe = load_caffe()
+    graph = ChannelGraph(proto, caffe.Net(str(deploy), caffe.TEST))
+    roots = {
+        step.layer.name: graph._root[step.tops[0].nodes]
+        for step in graph.steps
+        if step.blocking is not None and step.layer.name in layers
+    }
+    members = np.concatenate(list(roots.values())) if roots else np.zeros(0, dtype=np.int64)
+    shared = np.unique(members, return_counts=True)
+    tied = shared[0][shared[1] > 1]
+    return {name: np.where(np.isin(r, tied), r, -1) for name, r in roots.items()}

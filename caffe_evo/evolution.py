@@ -201,7 +201,8 @@ class Parent:
 
 
 def evolvable_layers(recipe: Recipe, selected: list[str] | None) -> tuple[list[str], frozenset[str]]:
-    """All Convolution/InnerProduct layers in net order, and the protected final classifier."""
+    """All Convolution/InnerProduct layers in net order, and the protected ones: the net's output layers
+    (:func:`caffe_evo.dependency.output_layers`), which never lose an output."""
     layers = [layer.name for layer in recipe.deploy.layer if layer.type in EVOLVABLE_TYPES]
     if not layers:
         raise CaffeEvoError(f"recipe {recipe.name}: no Convolution or InnerProduct layer to evolve")
@@ -211,7 +212,7 @@ def evolvable_layers(recipe: Recipe, selected: list[str] | None) -> tuple[list[s
             raise CaffeEvoError(
                 f"recipe {recipe.name}: cannot evolve {', '.join(unknown)}; evolvable: {', '.join(layers)}"
             )
-    return layers, frozenset(layers[-1:])
+    return layers, dependency.output_layers(recipe.deploy)
 
 
 def read_params(deploy: Path, weights: Path) -> dict[str, list[np.ndarray]]:
@@ -362,7 +363,7 @@ class Evolution:
         proposed = self._propose(parent, dna, generation, seeds.mask)
         if self.config.drop_unread:
             deploy = lineage.generation_dir(self.run_dir, parent.generation) / DEPLOY_FILE
-            proposed = dependency.drop_unread(deploy, parent.params, proposed)
+            proposed = dependency.drop_unread(deploy, parent.params, proposed, self.protected, parent.masks)
         masks = {name: proposed.get(name, parent.masks[name]) for name in self.layers}
         options = TrainOptions(
             max_iter=self.config.iters_per_generation,
@@ -416,7 +417,7 @@ class Evolution:
             return sample_offspring(dna, masks, self.environment, generation, rng, self.protected)
         if method == "magnitude":
             return baselines.magnitude_masks(
-                weights, masks, self.config.prune_fraction, self.config.prune_scope
+                weights, masks, self.config.prune_fraction, self.config.prune_scope, self.protected
             )
         if method == "l1-filter":
             if generation > 1:  # one-shot: later generations only fine-tune

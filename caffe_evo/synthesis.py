@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from caffe_evo.dependency import keep_outputs
 from caffe_evo.encoding import LayerDNA, Masks, expand_clusters, living_clusters
 from caffe_evo.errors import CaffeEvoError
 
@@ -105,7 +106,7 @@ class Factor:
                 )
         per_layer = self.scope == "layer"
         factor = {name: self.at(generation) for name in probs}
-        if per_layer and self.size_exponent:
+        if per_layer and self.size_exponent and probs:  # no layer may evolve at this level
             largest = max(p.size for p in probs.values())
             factor = {
                 name: f ** ((probs[name].size / largest) ** self.size_exponent) for name, f in factor.items()
@@ -170,19 +171,6 @@ class Environment:
         return {name: result[name] for name in probs}
 
 
-def _keep_outputs(alive: np.ndarray, parent: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """Give each output neuron that lost every input synapse back its most probable parent synapse.
-
-    Protecting clusters is not enough for the classifier: the synapse draw can still empty a surviving
-    cluster, and an output without inputs would be removed as dead.
-    """
-    rows = alive.reshape(alive.shape[0], -1).copy()
-    lost = np.flatnonzero(parent.reshape(rows.shape).any(axis=1) & ~rows.any(axis=1))
-    best = np.where(parent, probs, -1.0).reshape(rows.shape).argmax(axis=1)
-    rows[lost, best[lost]] = True
-    return rows.reshape(alive.shape)
-
-
 def sample_offspring(
     dna: dict[str, LayerDNA],
     parent_masks: Masks,
@@ -195,8 +183,9 @@ def sample_offspring(
 
     Dead parent synapses stay dead (heredity). Random numbers are consumed in the same pattern for every
     layer, protected or not, so that protecting a layer does not change the draws of the others.
-    Protected layers keep every living cluster and at least one input synapse per living output neuron;
-    their clusters take no part in a network-wide cluster calibration (they survive regardless).
+    Protected layers (the net's output layers) keep every living cluster and at least one input synapse
+    per living output neuron, its most probable (:func:`caffe_evo.dependency.keep_outputs`); their
+    clusters take no part in a network-wide cluster calibration (they survive regardless).
     The offspring covers the DNA's layers only; other parent masks and protected names are ignored.
     """
     missing = [name for name in dna if name not in parent_masks]
@@ -237,7 +226,5 @@ def sample_offspring(
             survives = living[name] if name in protected else draw < cluster_p[name]
             alive &= expand_clusters(survives, parent.shape, granularity[name])
         alive &= rng.random(parent.shape) < synapse_p[name]
-        if name in protected:
-            alive = _keep_outputs(alive, parent, layer.synapse)
         offspring[name] = alive
-    return offspring
+    return keep_outputs(offspring, parent_masks, {name: dna[name].synapse for name in dna}, protected)
