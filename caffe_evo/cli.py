@@ -187,6 +187,17 @@ def _cmd_lineage(args: argparse.Namespace) -> None:
     print(lineage.table(args.run))
 
 
+def _cmd_reproduce(args: argparse.Namespace) -> None:
+    from caffe_evo import reproduce
+
+    if args.list:
+        print(reproduce.listing())
+        return
+    if args.experiment is None:
+        raise CaffeEvoError("reproduce needs an EXPERIMENT (or --list)")
+    reproduce.reproduce(args.experiment, args.out, quick=args.quick, progress=not args.no_progress)
+
+
 def _fraction(text: str) -> float:
     try:
         return float(text)
@@ -306,6 +317,18 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("lineage", help="print a run's generation table")
     show.add_argument("run", type=Path)
     show.set_defaults(func=_cmd_lineage)
+
+    repro = sub.add_parser(
+        "reproduce",
+        help="a published experiment end to end: data, ancestor, evolution, compaction, report",
+        description="The BLAS kernel and thread count are pinned for bit-identical results (run.json).",
+    )
+    repro.add_argument("experiment", nargs="?", help="e.g. lenet5-mnist (--list names them)")
+    repro.add_argument("--list", action="store_true", help="name the experiments and what each takes")
+    repro.add_argument("--quick", action="store_true", help="the same pipeline, short (a smoke test)")
+    repro.add_argument("--out", type=Path, help="run folder (default $CAFFE_EVO_RUNS/NAME or runs/NAME)")
+    repro.add_argument("--no-progress", action="store_true")
+    repro.set_defaults(func=_cmd_reproduce)
     return parser
 
 
