@@ -166,6 +166,30 @@ def _cmd_compact(args: argparse.Namespace) -> None:
     )
 
 
+def _cmd_export(args: argparse.Namespace) -> None:
+    from caffe_evo.deploy.export import export_generation
+
+    entry = export_generation(args.generation, args.format, args.precision, args.opset, args.io_precision)
+    parts = []
+    for key in ("onnx", "onnx_fp16"):
+        if key in entry:
+            worst = max(output["max_rel_diff"] for output in entry[key]["agreement"].values())
+            parts.append(f"{entry[key]['file']} (max relative difference to pycaffe {worst:.2g})")
+    if "trt" in entry:
+        parts.append(entry["trt"]["file"])
+    print(f"exported {args.generation}/deploy: {', '.join(parts)}; checked on {entry['check_inputs']}")
+
+
+def _cmd_bench_engine(args: argparse.Namespace) -> None:
+    from caffe_evo.deploy.runtime import bench_file
+
+    result = bench_file(args.model, args.batch, args.repeats, args.threads)
+    print(
+        f"{args.model} ({result['runtime']}): batch {result['batch']} median {result['median_ms']:.3f} ms, "
+        f"{result['images_per_s']:,.0f} images/s"
+    )
+
+
 def _cmd_report(args: argparse.Namespace) -> None:
     from caffe_evo.report import write_report
 
@@ -304,6 +328,21 @@ def build_parser() -> argparse.ArgumentParser:
     compact.add_argument("generation", type=Path, help="a generation folder, e.g. runs/evo/gen_005")
     compact.add_argument("--repeats", type=int, default=30, help="timed forward passes per measurement")
     compact.set_defaults(func=_cmd_compact)
+
+    export = sub.add_parser("export", help="write a generation's compact net as ONNX (or a TensorRT engine)")
+    export.add_argument("generation", type=Path, help="a generation folder with compact/")
+    export.add_argument("--format", default="onnx", help="onnx | trt (fp16 TensorRT engine; needs TensorRT)")
+    export.add_argument("--precision", default="fp32", help="fp32 | fp16: also write model_fp16.onnx")
+    export.add_argument("--opset", type=int, default=13, help="ONNX opset (13 is parsed by TensorRT 8 to 11)")
+    export.add_argument("--io-precision", default="fp32", help="fp32 | fp16: I/O of the fp16 model")
+    export.set_defaults(func=_cmd_export)
+
+    bench = sub.add_parser("bench-engine", help="time a TensorRT .engine or an .onnx model (ONNX Runtime)")
+    bench.add_argument("model", type=Path, help="e.g. runs/evo/gen_013/deploy/model.onnx")
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--repeats", type=int, default=100, help="timed forward passes")
+    bench.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    bench.set_defaults(func=_cmd_bench_engine)
 
     report = sub.add_parser("report", help="write RUN/report/: report.md, lineage.csv, plots")
     report.add_argument("run", type=Path)

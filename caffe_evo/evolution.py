@@ -333,7 +333,9 @@ class Evolution:
         load_net(self.recipe.folder / DEPLOY_FILE, source / WEIGHTS_FILE)  # one line for any mismatch
 
     def _cost(self, folder: Path, masks: dict[str, np.ndarray]) -> dict[str, Any]:
-        return {"cost": measure(folder, masks)} if self.config.measure else {}
+        if not self.config.measure:
+            return {}
+        return {"cost": measure(folder, masks, precision=self.config.precision)}
 
     # -- one generation -----------------------------------------------------------------------------------
 

@@ -20,12 +20,15 @@ from caffe_evo import atomic, masking
 from caffe_evo.caffe_env import caffe_pb2, load_caffe
 from caffe_evo.dependency import ChannelGraph, Step, check_supported
 from caffe_evo.errors import CaffeEvoError
+from caffe_evo.precision import FORMATS
+from caffe_evo.precision import export as export_weights
 from caffe_evo.recipe import DEPLOY_FILE, parse_prototxt, to_prototxt
 from caffe_evo.training import WEIGHTS_FILE
 from caffe_evo.weights import load_net
 
-# The self-check allows float32 rounding: folded biases are summed in another order than Caffe's.
-_SELF_CHECK_TOLERANCE = 1e-4
+# The self-check allows float32 rounding (folded biases are summed in another order than Caffe's) and,
+# in a restricted run, the rounding of folded biases to the run's format (half a unit in its last place).
+_SELF_CHECK_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-3, "bf16": 2e-2}
 
 
 def _rewrite(
@@ -85,7 +88,24 @@ def _count_params(net: Any) -> int:
     return sum(blob.data.size for blobs in net.params.values() for blob in blobs)
 
 
-def _self_check(full: Any, small: Any) -> float:
+def _round(params: dict[str, list[np.ndarray]], precision: str) -> dict[str, Any]:
+    """Round the compact parameters to the run's format in place: the masked net's values already are,
+    but a folded bias is a new float32 sum. Returns how many values rounding changed, and by how much."""
+    if precision == "fp32":
+        return {"precision": precision, "changed": 0, "max_abs_change": 0.0}
+    rounding, changed, worst = FORMATS[precision], 0, 0.0
+    for blobs in params.values():
+        for i, values in enumerate(blobs):
+            rounded = rounding(values.astype(np.float32))
+            if not np.isfinite(rounded).all():
+                raise CaffeEvoError(f"a folded bias overflows {precision}: the restricted net cannot hold it")
+            changed += int(np.count_nonzero(rounded != values))
+            worst = max(worst, float(np.max(np.abs(rounded - values), initial=0.0)))
+            blobs[i] = rounded
+    return {"precision": precision, "changed": changed, "max_abs_change": worst}
+
+
+def _self_check(full: Any, small: Any, precision: str) -> float:
     """Largest output difference of the two nets on one random input; a real difference is a bug here."""
     rng = np.random.default_rng(0)
     feed = {name: rng.standard_normal(full.blobs[name].data.shape).astype(np.float32) for name in full.inputs}
@@ -95,14 +115,24 @@ def _self_check(full: Any, small: Any) -> float:
     for name in full.outputs:
         want, got = full.blobs[name].data, small.blobs[name].data
         diff = float(np.max(np.abs(want - got)))
-        if not diff <= _SELF_CHECK_TOLERANCE * max(1.0, float(np.max(np.abs(want)))):
+        if not diff <= _SELF_CHECK_TOLERANCE[precision] * max(1.0, float(np.max(np.abs(want)))):
             raise CaffeEvoError(f"compaction changed output '{name}' by up to {diff:.3g}: a caffe-evo bug")
         worst = max(worst, diff)
     return worst
 
 
-def compact(deploy: Path, weights: Path, out_dir: Path, masks: dict[str, np.ndarray] | None = None) -> dict:
+def compact(
+    deploy: Path,
+    weights: Path,
+    out_dir: Path,
+    masks: dict[str, np.ndarray] | None = None,
+    precision: str = "fp32",
+) -> dict:
     """Write ``out_dir/deploy.prototxt`` and ``out_dir/weights.caffemodel``: same function, fewer channels.
+
+    In a restricted run (``precision`` fp16 or bf16) the compact parameters are rounded to that format
+    and ``out_dir/weights_<precision>.npz`` holds them in it, keyed by the compact net's layers (the
+    generation's own ``weights_<precision>.npz`` stays that of the masked full net).
 
     ``masks`` (bool, weight-shaped, by layer) are applied first as masked training applies them (pruned
     synapses, and the bias of a neuron without living synapses, become 0); without them the zeros in the
@@ -121,6 +151,7 @@ def compact(deploy: Path, weights: Path, out_dir: Path, masks: dict[str, np.ndar
     graph = ChannelGraph(proto, full)
     graph.decide()
     compact_proto, params, layers = _rewrite(graph, proto)
+    rounded = _round(params, precision)
     caffe = load_caffe()
     with atomic.atomic_path(out_dir, directory=True) as tmp:
         (tmp / DEPLOY_FILE).write_text(to_prototxt(compact_proto))
@@ -129,7 +160,9 @@ def compact(deploy: Path, weights: Path, out_dir: Path, masks: dict[str, np.ndar
             for blob, values in zip(small.params[name], blobs, strict=True):
                 blob.data[...] = values
         small.save(str(tmp / WEIGHTS_FILE))
-        max_abs_diff = _self_check(full, small)
+        if precision != "fp32":
+            export_weights(small, tmp / f"weights_{precision}.npz", precision)
+        max_abs_diff = _self_check(full, small, precision)
     return {
         "layers": layers,
         "channels": sum(layer["channels"] for layer in layers.values()),
@@ -139,4 +172,5 @@ def compact(deploy: Path, weights: Path, out_dir: Path, masks: dict[str, np.ndar
         "params_after": _count_params(small),
         "notes": graph.notes,
         "max_abs_diff": max_abs_diff,
+        "rounding": rounded,
     }

@@ -1,9 +1,10 @@
 """What evolution buys, measured: the compact network and the cost of both it and the masked full network.
 
 For one generation folder: :func:`caffe_evo.deploy.compaction.compact` writes ``compact/``; then parameters,
-synapses, clusters, multiply-accumulates per layer and in total, model file size, and Caffe CPU forward
-latency at batch 1 and throughput at batch 64 (medians after warm-up, in this process) are taken for the
-masked full network and the compact one.
+synapses, clusters, multiply-accumulates per layer and in total, model file size, and CPU forward latency
+at batch 1 and throughput at batch 64 (medians after warm-up, in this process) in pycaffe and in ONNX
+Runtime (the fp32 ONNX export; one intra-op thread and all cores) are taken for the masked full network
+and the compact one.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from typing import Any
 import numpy as np
 
 from caffe_evo import atomic, lineage, masking
+from caffe_evo.caffe_env import caffe_pb2
 from caffe_evo.dependency import WEIGHTED
-from caffe_evo.deploy import compaction
+from caffe_evo.deploy import compaction, onnx_export, runtime
 from caffe_evo.errors import CaffeEvoError
-from caffe_evo.recipe import DEPLOY_FILE
+from caffe_evo.recipe import DEPLOY_FILE, parse_prototxt
 from caffe_evo.training import METRICS_FILE, WEIGHTS_FILE
 from caffe_evo.weights import load_net
 
@@ -63,43 +65,68 @@ def net_cost(net: Any, weights: Path | None) -> dict:
     return result
 
 
-def latency(deploy: Path, weights: Path, batch: int, repeats: int = 30, warmup: int = 5) -> dict:
-    """Median wall time of one pycaffe CPU forward pass at ``batch`` images, after ``warmup`` passes."""
-    return net_latency(load_net(Path(deploy), Path(weights)), batch, repeats, warmup)
+def latency(
+    deploy: Path,
+    weights: Path,
+    batch: int,
+    repeats: int = 30,
+    warmup: int = 5,
+    runtime_name: str = "pycaffe",
+    threads: int = 1,
+) -> dict:
+    """Median wall time of one CPU forward pass at ``batch`` images, after ``warmup`` passes, in
+    ``runtime_name`` (pycaffe, or ONNX Runtime with ``threads`` intra-op threads on the net's ONNX export)."""
+    net = load_net(Path(deploy), Path(weights))
+    if runtime_name == "pycaffe":
+        return net_latency(net, batch, repeats, warmup)
+    if runtime_name == "onnxruntime":
+        session = runtime.ort_session(onnx_export.convert(_proto(Path(deploy)), net), threads)
+        return runtime.ort_latency(session, batch, repeats, warmup)
+    raise CaffeEvoError(f"unknown runtime {runtime_name!r}; choose from {', '.join(runtime.RUNTIMES)}")
 
 
 def net_latency(net: Any, batch: int, repeats: int = 30, warmup: int = 5) -> dict:
-    """:func:`latency` of a net already loaded; the net's inputs are reshaped to ``batch``."""
-    if batch < 1 or repeats < 1 or warmup < 0:
-        raise CaffeEvoError(
-            f"latency needs batch >= 1, repeats >= 1, warmup >= 0 (got {batch}, {repeats}, {warmup})"
-        )
+    """pycaffe's :func:`latency` of a net already loaded; the net's inputs are reshaped to ``batch``."""
+    if batch < 1:
+        raise CaffeEvoError(f"latency needs batch >= 1 (got {batch})")
     rng = np.random.default_rng(0)
     for name in net.inputs:
         net.blobs[name].reshape(batch, *net.blobs[name].data.shape[1:])
     net.reshape()
     for name in net.inputs:
         net.blobs[name].data[...] = rng.standard_normal(net.blobs[name].data.shape)
-    for _ in range(warmup):
-        net.forward()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        net.forward()
-        seconds.append(time.perf_counter() - start)
-    median_ms = float(np.median(seconds)) * 1000
-    return {
-        "batch": batch,
-        "repeats": repeats,
-        "median_ms": median_ms,
-        "images_per_s": batch * 1000 / median_ms,
-    }
+    return runtime.timing(batch, runtime.median_ms(net.forward, repeats, warmup), repeats)
+
+
+def _proto(deploy: Path) -> Any:
+    return parse_prototxt(deploy, caffe_pb2().NetParameter())
+
+
+def ort_cost(model: Any, repeats: int) -> dict[str, Any]:
+    """ONNX Runtime batch-1 latency and batch-64 throughput (fp32), with one intra-op thread (``ort_1t_*``)
+    and with every core this process may use (``ort_all_*``)."""
+    result: dict[str, Any] = {"ort_threads_all": runtime.all_cores()}
+    for label, threads in (("1t", 1), ("all", runtime.all_cores())):
+        session = runtime.ort_session(model, threads)
+        single = runtime.ort_latency(session, LATENCY_BATCH, repeats=repeats)
+        batch = runtime.ort_latency(session, THROUGHPUT_BATCH, repeats=max(5, repeats // 3))
+        result.update(
+            {
+                f"ort_{label}_latency_ms_batch1": single["median_ms"],
+                f"ort_{label}_fps_batch1": single["images_per_s"],
+                f"ort_{label}_latency_ms_batch64": batch["median_ms"],
+                f"ort_{label}_images_per_s_batch64": batch["images_per_s"],
+            }
+        )
+    return result
 
 
 def network_cost(deploy: Path, weights: Path, repeats: int) -> dict[str, Any]:
-    """Static cost plus batch-1 latency and batch-64 throughput of one network, loaded once."""
+    """Static cost plus batch-1 latency and batch-64 throughput of one network, loaded once: pycaffe's, and
+    ONNX Runtime's on its fp32 ONNX export."""
     net = load_net(deploy, weights)
     cost = net_cost(net, weights)  # before the reshapes below; MACs are per image anyway
+    model = onnx_export.convert(_proto(deploy), net)
     single = net_latency(net, LATENCY_BATCH, repeats=repeats)
     batch = net_latency(net, THROUGHPUT_BATCH, repeats=max(5, repeats // 3))
     return {
@@ -108,21 +135,27 @@ def network_cost(deploy: Path, weights: Path, repeats: int) -> dict[str, Any]:
         "fps_batch1": single["images_per_s"],
         "latency_ms_batch64": batch["median_ms"],
         "images_per_s_batch64": batch["images_per_s"],
+        **ort_cost(model, repeats),
     }
 
 
-def measure(folder: Path, masks: dict[str, np.ndarray], repeats: int = 30) -> dict[str, Any]:
-    """Compact ``folder`` into ``folder/compact`` and return the cost of both networks."""
+def measure(
+    folder: Path, masks: dict[str, np.ndarray], repeats: int = 30, precision: str = "fp32"
+) -> dict[str, Any]:
+    """Compact ``folder`` into ``folder/compact`` (parameters in the run's ``precision``) and return the
+    cost of both networks."""
     started = time.perf_counter()
     folder = Path(folder)
-    summary = compaction.compact(folder / DEPLOY_FILE, folder / WEIGHTS_FILE, folder / COMPACT_DIR, masks)
+    summary = compaction.compact(
+        folder / DEPLOY_FILE, folder / WEIGHTS_FILE, folder / COMPACT_DIR, masks, precision
+    )
     compact_dir = folder / COMPACT_DIR
     full = network_cost(folder / DEPLOY_FILE, folder / WEIGHTS_FILE, repeats)
     small = network_cost(compact_dir / DEPLOY_FILE, compact_dir / WEIGHTS_FILE, repeats)
     return {
         "full": full,
         "compact": small,
-        "compaction": {key: summary[key] for key in ("kept", "removed", "notes", "max_abs_diff")},
+        "compaction": {key: summary[key] for key in ("kept", "removed", "notes", "max_abs_diff", "rounding")},
         "measure_seconds": time.perf_counter() - started,
     }
 
@@ -141,7 +174,7 @@ def compact_generation(gen_dir: Path, repeats: int = 30) -> dict[str, Any]:
     try:
         for name in (DEPLOY_FILE, WEIGHTS_FILE):
             os.link(gen_dir / name, staging / name)
-        cost = measure(staging, masks, repeats)
+        cost = measure(staging, masks, repeats, metrics.get("precision", "fp32"))
         if (gen_dir / COMPACT_DIR).exists():
             shutil.rmtree(gen_dir / COMPACT_DIR)
         os.replace(staging / COMPACT_DIR, gen_dir / COMPACT_DIR)
