@@ -26,6 +26,7 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "normaliser": ("max", "rms"),
     "aggregate": ("sum", "l2", "mean"),
     "granularity": ("kernel", "channel"),
+    "strength": ("weights", "bn_folded"),
 }
 
 
@@ -41,6 +42,9 @@ class EncodingConfig:
     - aggregate: a cluster's strength from its living synapses: "sum" of ``|w|``, "l2" norm, "mean" ``|w|``.
     - granularity: a cluster is one output map/neuron ("kernel", shape ``(out,)``) or the 2-D kernel of
       one (output, input) pair ("channel", shape ``(out, in)``; a single synapse for InnerProduct).
+    - strength: what ``|w|`` is read from: the layer's "weights", or "bn_folded", the weights as the
+      BatchNorm and Scale after the layer scale them (``w * gamma / sqrt(var + eps)`` per output map,
+      :func:`caffe_evo.batchnorm.folded_weights`), which is what a map contributes downstream.
     """
 
     level: str = "cluster"
@@ -48,6 +52,7 @@ class EncodingConfig:
     normaliser: str = "max"
     aggregate: str = "sum"
     granularity: str = "kernel"
+    strength: str = "weights"
 
     def __post_init__(self) -> None:
         for option, allowed in OPTIONS.items():

@@ -5,6 +5,12 @@ backward pass, before weight decay, momentum and the update). A pruned weight th
 gradient gets zero weight decay and a momentum history that stays exactly zero, so it is never moved:
 no per-iteration copy of the weights is needed, and every Caffe solver type (SGD, Nesterov, Adam, ...)
 is covered.
+
+A dead channel (a Convolution map or InnerProduct neuron without living synapses or bias) outputs 0, but
+the BatchNorm and Scale layers after it would turn that 0 into a constant that a padded reader cannot
+fold, so the channel could never leave the network. Their parameters for dead channels are masked too
+(:func:`follower_masks`): BatchNorm's mean and variance and Scale's gamma and beta stay 0, and the channel
+stays 0 after them.
 """
 
 from __future__ import annotations
@@ -39,6 +45,57 @@ def from_weight_masks(weight_masks: dict[str, np.ndarray], net: Any) -> ParamMas
             per_blob.append(bias_mask(mask).astype(np.float32))
         masks[name] = per_blob
     return masks
+
+
+# Channel-wise layers whose parameters follow the channels of the layer they act on.
+FOLLOWERS = ("BatchNorm", "Scale")
+
+
+def followers(proto: Any) -> dict[str, list[tuple[str, str]]]:
+    """Convolution/InnerProduct layer -> ``(name, type)`` of the BatchNorm and Scale layers that act on
+    its output alone, in net order (a chain ends at the first other reader of the blob)."""
+    chains: dict[str, list[tuple[str, str]]] = {}
+    layers = list(proto.layer)
+    for i, layer in enumerate(layers):
+        if layer.type not in ("Convolution", "InnerProduct"):
+            continue
+        blob, chain = layer.top[0], []
+        for other in layers[i + 1 :]:
+            if blob not in other.bottom:
+                continue
+            if other.type not in FOLLOWERS or list(other.bottom) != [blob]:
+                break
+            chain.append((other.name, other.type))
+            blob = other.top[0]
+        chains[layer.name] = chain
+    return chains
+
+
+def follower_masks(
+    weight_masks: dict[str, np.ndarray], proto: Any, blob_counts: dict[str, int]
+) -> ParamMasks:
+    """Masks of the BatchNorm (mean, variance; not its scale factor) and Scale parameters of every channel
+    that ``weight_masks`` leave dead; ``blob_counts`` gives each layer's number of parameter blobs."""
+    masks: ParamMasks = {}
+    for name, chain in followers(proto).items():
+        if name not in weight_masks:
+            continue
+        alive = bias_mask(weight_masks[name]).astype(np.float32)
+        for layer, kind in chain:
+            count = blob_counts[layer]
+            masks[layer] = [alive, alive, np.ones(1, np.float32)] if kind == "BatchNorm" else [alive] * count
+    return masks
+
+
+def masked_params(
+    params: dict[str, list[np.ndarray]], weight_masks: dict[str, np.ndarray], proto: Any
+) -> dict[str, list[np.ndarray]]:
+    """``params`` (numpy blobs by layer) with the followers of dead channels masked as training masks them."""
+    masks = follower_masks(weight_masks, proto, {name: len(blobs) for name, blobs in params.items()})
+    return {
+        name: [blob * mask for blob, mask in zip(blobs, masks[name], strict=True)] if name in masks else blobs
+        for name, blobs in params.items()
+    }
 
 
 def blob_mask_pairs(net: Any, masks: ParamMasks) -> list[tuple[Any, np.ndarray]]:

@@ -5,6 +5,11 @@ network is what is evaluated, stored and encoded for the next generation. The st
 fp32 blobs holding exactly representable values, so BVLC Caffe reads it; :func:`export` writes the
 half-precision copy for deployment.
 
+BatchNorm stores its running sums multiplied by a scale factor (about 1,000 after a long training run),
+so a variance above about 65 would overflow fp16 as stored: its statistics are restricted as the
+statistics (the stored sums divided by the factor), and stored with a factor of 1, which is what
+:func:`caffe_evo.batchnorm.reestimate` leaves anyway.
+
 A format is a function from fp32 values to their rounded fp32 values; add one to :data:`FORMATS`
 (e.g. int8 with a per-layer scale) and the rest of the pipeline follows.
 """
@@ -18,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from caffe_evo import atomic
+from caffe_evo import atomic, batchnorm
 from caffe_evo.errors import CaffeEvoError
 
 FP16_MAX = float(np.finfo(np.float16).max)
@@ -75,6 +80,10 @@ def restrict_net(net: Any, precision: str) -> RestrictionReport:
     if precision == "fp32":
         return report
     rounding = FORMATS[precision]
+    for name in batchnorm.layers_of_type(net, batchnorm.BATCHNORM):
+        blobs = net.params[name]
+        mean, variance = batchnorm.statistics(blobs)
+        blobs[0].data[...], blobs[1].data[...], blobs[2].data[...] = mean, variance, 1.0
     for name, blobs in net.params.items():
         for i, blob in enumerate(blobs):
             original = blob.data.copy()

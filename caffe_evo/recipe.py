@@ -4,6 +4,10 @@ A recipe stays plain Caffe so that any Caffe tool reads it. Two path rules make 
 the solver's ``net`` is relative to the recipe folder, and a relative ``data_param.source`` is relative
 to the data root (``--data-root``, else ``$CAFFE_EVO_DATA``, else ``./data``). :meth:`Recipe.write_resolved`
 writes a copy with absolute paths that the ``caffe`` binary runs from any directory.
+
+A recipe for a dataset that cannot be had here may name a stand-in (``stand_in.yaml``: ``dataset``, the
+first folder of its sources, and ``stand_in``, the folder read instead); ``stand_in=True`` loads it so,
+and the recipe then carries the stand-in's name, which every result it produces records.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from google.protobuf import text_format
 
 from caffe_evo.caffe_env import caffe_pb2
@@ -21,6 +26,7 @@ from caffe_evo.errors import CaffeEvoError
 SOLVER_FILE = "solver.prototxt"
 DEPLOY_FILE = "deploy.prototxt"
 TRAIN_VAL_FILE = "train_val.prototxt"
+STAND_IN_FILE = "stand_in.yaml"
 
 # Layer types that read a `source` from disk, and the field holding it.
 _SOURCE_PARAMS = {"Data": "data_param", "HDF5Data": "hdf5_data_param", "ImageData": "image_data_param"}
@@ -76,6 +82,70 @@ def check_python_layers(net: Any, origin: Path, allow: bool) -> None:
         )
 
 
+def read_stand_in(folder: Path) -> tuple[str, str]:
+    """``(dataset, stand-in)`` folder names from the recipe's ``stand_in.yaml``."""
+    path = folder / STAND_IN_FILE
+    if not path.is_file():
+        raise CaffeEvoError(f"recipe {folder.name} has no stand-in ({STAND_IN_FILE}); drop --stand-in")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise CaffeEvoError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(spec, dict) or not all(isinstance(spec.get(k), str) for k in ("dataset", "stand_in")):
+        raise CaffeEvoError(f"{path}: needs the folder names `dataset` and `stand_in`")
+    return spec["dataset"], spec["stand_in"]
+
+
+def use_stand_in(net: Any, dataset: str, stand_in: str) -> None:
+    """Point every relative source under ``dataset/`` at ``stand_in/`` instead."""
+    for layer in net.layer:
+        field = _SOURCE_PARAMS.get(layer.type)
+        if field is None:
+            continue
+        param = getattr(layer, field)
+        parts = Path(param.source).parts
+        if parts and parts[0] == dataset:
+            param.source = str(Path(stand_in, *parts[1:]))
+
+
+def check_layers(net: Any, origin: Path) -> None:
+    """What Caffe would answer with an abort, or a net evolution cannot follow, as one line naming the layer.
+
+    BatchNorm's blobs are statistics that its forward pass computes, never learnt (Caffe aborts on a
+    non-zero ``lr_mult``); Eltwise adds channel i of every input, so all inputs need as many channels.
+    Channel counts are followed through the net as far as the prototxt states them.
+    """
+    channels: dict[str, int | None] = {}
+    for layer in net.layer:
+        if layer.type == "BatchNorm" and any(spec.lr_mult != 0 for spec in layer.param):
+            raise CaffeEvoError(
+                f"{origin}: layer '{layer.name}' (BatchNorm) has a non-zero lr_mult: its blobs are "
+                "statistics computed in the forward pass, not learnt; use `param { lr_mult: 0 }` or none"
+            )
+        inputs = [channels.get(name) for name in layer.bottom]
+        if layer.type == "Eltwise" and len({c for c in inputs if c is not None}) > 1:
+            counts = ", ".join(f"'{b}' {c}" for b, c in zip(layer.bottom, inputs, strict=True))
+            raise CaffeEvoError(
+                f"{origin}: layer '{layer.name}' (Eltwise) adds inputs with different channel counts "
+                f"({counts})"
+            )
+        if layer.type == "Convolution":
+            out: int | None = layer.convolution_param.num_output
+        elif layer.type == "InnerProduct":
+            out = layer.inner_product_param.num_output
+        elif layer.type == "Input" and layer.input_param.shape:
+            dims = layer.input_param.shape[0].dim
+            out = dims[1] if len(dims) > 1 else None
+        elif layer.type == "Concat" and None not in inputs and inputs:
+            out = sum(inputs)  # type: ignore[arg-type]
+        elif inputs and layer.type not in ("Data", "Input", "Concat"):
+            out = inputs[0]  # channel-wise layers; anything else is Caffe's to check
+        else:
+            out = None
+        for top in layer.top:
+            channels[top] = out
+
+
 @dataclass
 class Recipe:
     """A parsed recipe with its data sources resolved; the messages are Caffe's protobufs."""
@@ -85,6 +155,7 @@ class Recipe:
     train_val: Any  # caffe_pb2.NetParameter, sources absolute
     deploy: Any  # caffe_pb2.NetParameter
     data_root: Path
+    stand_in: str | None = None  # the stand-in dataset read instead of the recipe's own, if any
     builds: bool = False  # set once Caffe has been seen to build these nets
 
     @property
@@ -92,7 +163,13 @@ class Recipe:
         return self.folder.name
 
     @classmethod
-    def load(cls, folder: Path, data_root: Path | None = None, allow_python_layers: bool = False) -> Recipe:
+    def load(
+        cls,
+        folder: Path,
+        data_root: Path | None = None,
+        allow_python_layers: bool = False,
+        stand_in: bool = False,
+    ) -> Recipe:
         folder = Path(folder).resolve()
         if not folder.is_dir():
             raise CaffeEvoError(f"{folder}: recipe folder not found")
@@ -107,12 +184,24 @@ class Recipe:
         deploy = parse_prototxt(folder / DEPLOY_FILE, pb2.NetParameter())
         for net, origin in ((train_val, net_path), (deploy, folder / DEPLOY_FILE)):
             check_python_layers(net, origin, allow_python_layers)
+            check_layers(net, origin)
         data_root = Path(data_root).resolve() if data_root is not None else default_data_root()
+        stand_in_name = None
+        if stand_in:
+            dataset, stand_in_name = read_stand_in(folder)
+            use_stand_in(train_val, dataset, stand_in_name)
         resolve_sources(train_val, data_root, folder.name)
         if len(solver.test_iter) != len(solver.test_state):
             counts = f"{len(solver.test_iter)} test_iter for {len(solver.test_state)} test_state"
             raise CaffeEvoError(f"{folder / SOLVER_FILE}: {counts}")
-        return cls(folder=folder, solver=solver, train_val=train_val, deploy=deploy, data_root=data_root)
+        return cls(
+            folder=folder,
+            solver=solver,
+            train_val=train_val,
+            deploy=deploy,
+            data_root=data_root,
+            stand_in=stand_in_name,
+        )
 
     @property
     def snapshot_name(self) -> str:

@@ -7,6 +7,9 @@ synapses are attenuated by ``strength`` s for that iteration's forward and backw
 them). Their stored values are restored before the solver's update, so the network learns to do without
 the likely-to-die synapses while the survivors' weights change only through training. Pruned synapses
 are never touched (they are not living, so never sampled), and nothing happens when stress is off.
+BatchNorm updates its running statistics in the forward pass; a stressed pass would fold the attenuated
+network's statistics into them, so they are restored with the weights: the statistics only ever see the
+network that is actually trained.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from caffe_evo.batchnorm import BATCHNORM, layers_of_type
 from caffe_evo.caffe_env import add_solver_callback
 from caffe_evo.encoding import EncodingConfig, encode
 from caffe_evo.errors import CaffeEvoError
@@ -67,7 +71,9 @@ class StressSignal:
     rng: np.random.Generator
     hits: list[tuple[int, int]] = field(default_factory=list)  # (iteration, synapses attenuated)
     _net: Any = None
-    _saved: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    # (layer, blob, index, stored values): restored through the blob read again, as pycaffe's ``.data`` is
+    # a CPU view that a GPU pass leaves stale (as caffe_evo.masking.GradientMask reads it every time)
+    _saved: list[tuple[str, int, Any, np.ndarray]] = field(default_factory=list)
     _solver: Any = None
 
     def attach(self, solver: Any) -> StressSignal:
@@ -94,14 +100,16 @@ class StressSignal:
         for name, removed in self._removal().items():
             data = self._net.params[name][0].data
             index = np.nonzero(removed)
-            self._saved.append((data, index, data[index].copy()))
+            self._saved.append((name, 0, index, data[index].copy()))
             data[index] *= strength
             total += len(index[0])
+        for name in layers_of_type(self._net, BATCHNORM):
+            self._saved += [(name, i, Ellipsis, b.data.copy()) for i, b in enumerate(self._net.params[name])]
         self.hits.append((int(self._solver.iter), total))
 
     def on_gradients_ready(self) -> None:
-        for data, index, original in self._saved:
-            data[index] = original
+        for name, blob, index, original in self._saved:
+            self._net.params[name][blob].data[index] = original
         self._saved.clear()
 
     def summary(self) -> dict[str, Any]:

@@ -178,6 +178,7 @@ def sample_offspring(
     generation: int,
     rng: np.random.Generator,
     protected: frozenset[str] = frozenset(),
+    ties: dict[str, np.ndarray] | None = None,
 ) -> Masks:
     """Sample the offspring's masks: clusters survive or die whole, then synapses individually.
 
@@ -187,6 +188,12 @@ def sample_offspring(
     per living output neuron, its most probable (:func:`caffe_evo.dependency.keep_outputs`); their
     clusters take no part in a network-wide cluster calibration (they survive regardless).
     The offspring covers the DNA's layers only; other parent masks and protected names are ignored.
+
+    ``ties`` (:func:`caffe_evo.dependency.tied_channels`) gives, per layer, the tied class of each output
+    map (-1: untied). Channels that an Eltwise adds together can only leave the network together, so at
+    kernel granularity a tied class survives or dies by one draw (the first member's random number, at
+    the mean of its members' probabilities), and a member of a surviving class that the synapse draw
+    emptied gets back its most probable parent synapse: tied channels live or die as one.
     """
     missing = [name for name in dna if name not in parent_masks]
     if missing:
@@ -217,14 +224,50 @@ def sample_offspring(
         {name: parent_masks[name] for name in dna},
         generation,
     )
+    tied = {
+        name: ids
+        for name, ids in (ties or {}).items()
+        if name in cluster_p and granularity[name] == "kernel" and (ids >= 0).any()
+    }
+    class_p = _class_probabilities(tied, cluster_p, living)
+    class_draw: dict[int, float] = {}
+    kept_tied: Masks = {}  # parent synapses of the surviving tied maps
     offspring: Masks = {}
     for name, layer in dna.items():
         parent = parent_masks[name]
         alive = parent.copy()
         if layer.cluster is not None:
             draw = rng.random(layer.cluster.shape)
-            survives = living[name] if name in protected else draw < cluster_p[name]
+            p = cluster_p.get(name)
+            if name in tied:
+                index = np.flatnonzero(tied[name] >= 0)
+                ids = tied[name][index]
+                pairs = zip(ids, draw[index], strict=True)
+                draw[index] = [class_draw.setdefault(int(c), float(d)) for c, d in pairs]
+                p = p.copy()
+                p[index] = [class_p[int(c)] for c in ids]
+            survives = living[name] if name in protected else draw < p
             alive &= expand_clusters(survives, parent.shape, granularity[name])
+            if name in tied:
+                surviving_tied = survives & (tied[name] >= 0)
+                kept_tied[name] = parent & expand_clusters(surviving_tied, parent.shape, "kernel")
         alive &= rng.random(parent.shape) < synapse_p[name]
         offspring[name] = alive
-    return keep_outputs(offspring, parent_masks, {name: dna[name].synapse for name in dna}, protected)
+    preference = {name: dna[name].synapse for name in dna}
+    offspring = keep_outputs(offspring, kept_tied, preference, frozenset(kept_tied))
+    return keep_outputs(offspring, parent_masks, preference, protected)
+
+
+def _class_probabilities(
+    tied: dict[str, np.ndarray], cluster_p: dict[str, np.ndarray], living: dict[str, np.ndarray]
+) -> dict[int, float]:
+    """Each tied class's survival probability: the mean over its living members (0 if none lives)."""
+    total: dict[int, float] = {}
+    count: dict[int, int] = {}
+    for name, ids in tied.items():
+        for channel in np.flatnonzero((ids >= 0) & living[name]):
+            c = int(ids[channel])
+            total[c] = total.get(c, 0.0) + float(cluster_p[name][channel])
+            count[c] = count.get(c, 0) + 1
+    classes = {int(c) for ids in tied.values() for c in ids[ids >= 0]}
+    return {c: total[c] / count[c] if c in count else 0.0 for c in classes}

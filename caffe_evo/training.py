@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from caffe_evo import atomic, masking, precision
+from caffe_evo import atomic, batchnorm, masking, precision
 from caffe_evo.caffe_env import caffe_pb2, check_nets_build, load_caffe
 from caffe_evo.errors import CaffeEvoError
 from caffe_evo.recipe import DEPLOY_FILE, SOLVER_FILE, TRAIN_VAL_FILE, Recipe, parse_prototxt, to_prototxt
@@ -50,6 +50,9 @@ class TrainOptions:
     weight_masks: dict[str, np.ndarray] | None = None  # pruned synapses (False) stay exactly 0.0
     precision: str = "fp32"  # restrict the trained weights to this format (see caffe_evo.precision)
     stress: StressSignal | None = None  # training-time stress (see caffe_evo.stress)
+    # training batches over which BatchNorm statistics are re-estimated after training (caffe_evo.batchnorm);
+    # 0 keeps Caffe's moving averages. Nets without BatchNorm skip the step.
+    bn_batches: int = 50
     solver_overrides: dict[str, Any] = field(default_factory=dict)
     verbose: bool = False
     progress: bool = True
@@ -156,6 +159,8 @@ def train(
     precision.check_choice(options.precision)
     if options.max_iter is not None and options.max_iter <= 0:
         raise CaffeEvoError(f"--iters must be positive, got {options.max_iter}")
+    if options.bn_batches < 0:
+        raise CaffeEvoError(f"--bn-batches must be 0 (off) or more, got {options.bn_batches}")
     caffe = load_caffe(options.verbose)
     overrides = dict(options.solver_overrides)
     if options.max_iter is not None:
@@ -184,7 +189,11 @@ def train(
                 blob.data[...] = array
         gradient_mask = None
         if options.weight_masks is not None:
-            masks = masking.from_weight_masks(options.weight_masks, solver.net)
+            blob_counts = {name: len(blobs) for name, blobs in solver.net.params.items()}
+            masks = {
+                **masking.from_weight_masks(options.weight_masks, solver.net),
+                **masking.follower_masks(options.weight_masks, recipe.train_val, blob_counts),
+            }
             masking.apply(solver.net, masks)
             gradient_mask = masking.GradientMask(solver.net, masks).attach(solver)
         if options.stress is not None:
@@ -201,6 +210,7 @@ def train(
         train_seconds = time.perf_counter() - started
         if gradient_mask is not None and (bad := masking.violations(solver.net, masks)):
             raise RuntimeError(f"masked training left {bad} pruned parameters non-zero")
+        bn = batchnorm.reestimate(solver.net, options.bn_batches)
         eval_started = time.perf_counter()
         restricted: dict[str, Any] = {}
         if options.precision != "fp32":
@@ -236,6 +246,8 @@ def train(
             "eval_seconds": round(eval_seconds, 3),
             "iterations_per_second": round(max_iter / train_seconds, 2),
             "mask_seconds": round(gradient_mask.seconds, 3) if gradient_mask else 0.0,
+            "batchnorm_reestimation": bn.to_json() if bn else None,
+            "stand_in": recipe.stand_in,
             "final_loss": curve[-1][1],
             "caffe_version": caffe.__version__,
             **{f"{name}_{key}": value for name, res in results.items() for key, value in res.items()},
