@@ -59,6 +59,13 @@ COST_COLUMNS = [
     ("fps_batch1_compact", ("compact", "fps_batch1")),
     ("images_per_s_batch64_full", ("full", "images_per_s_batch64")),
     ("images_per_s_batch64_compact", ("compact", "images_per_s_batch64")),
+    # ONNX Runtime (CPU) on the fp32 ONNX export, one intra-op thread and all cores.
+    ("ort_1t_fps_batch1_full", ("full", "ort_1t_fps_batch1")),
+    ("ort_1t_fps_batch1_compact", ("compact", "ort_1t_fps_batch1")),
+    ("ort_all_fps_batch1_compact", ("compact", "ort_all_fps_batch1")),
+    ("ort_1t_images_per_s_batch64_full", ("full", "ort_1t_images_per_s_batch64")),
+    ("ort_1t_images_per_s_batch64_compact", ("compact", "ort_1t_images_per_s_batch64")),
+    ("ort_all_images_per_s_batch64_compact", ("compact", "ort_all_images_per_s_batch64")),
 ]
 
 
@@ -136,8 +143,16 @@ def plot(table: list[dict[str, Any]], folder: Path) -> list[str]:
                 "frames per second (batch 1, CPU)",
                 "Speed per generation",
                 [
-                    (mgens, [row["fps_batch1_full"] for row in measured], "o-", "masked full net"),
-                    (mgens, [row["fps_batch1_compact"] for row in measured], "s-", "compact net"),
+                    (mgens, [row["fps_batch1_full"] for row in measured], "o-", "masked full net (pycaffe)"),
+                    (mgens, [row["fps_batch1_compact"] for row in measured], "s-", "compact net (pycaffe)"),
+                ]
+                + [
+                    (mgens, [row[key] for row in measured], style, label)
+                    for key, style, label in (
+                        ("ort_1t_fps_batch1_full", "o--", "masked full net (ONNX Runtime, 1 thread)"),
+                        ("ort_1t_fps_batch1_compact", "s--", "compact net (ONNX Runtime, 1 thread)"),
+                    )
+                    if all(row[key] != "" for row in measured)
                 ],
                 log=False,
             )
@@ -171,6 +186,13 @@ def markdown(run: Path, table: list[dict[str, Any]], plots: list[str]) -> str:
             f"throughput {last['images_per_s_batch64_compact'] / first['images_per_s_batch64_full']:.2f}x "
             "the ancestor's (Caffe, this machine's CPU)."
         )
+    if last["ort_1t_fps_batch1_compact"] != "" and first["ort_1t_fps_batch1_full"] != "":
+        single = last["ort_1t_fps_batch1_compact"] / first["ort_1t_fps_batch1_full"]
+        batch = last["ort_1t_images_per_s_batch64_compact"] / first["ort_1t_images_per_s_batch64_full"]
+        lines.append(
+            f"In ONNX Runtime (CPU, one thread, the fp32 ONNX export): batch-1 speed {single:.2f}x and "
+            f"batch-64 throughput {batch:.2f}x the ancestor's."
+        )
     lines += ["", "## Generations", "", _markdown_table(table), ""]
     lines += [
         "## Published figures of the seed papers (not reproduced here unless the same net and data)",
@@ -185,16 +207,17 @@ def markdown(run: Path, table: list[dict[str, Any]], plots: list[str]) -> str:
 def _markdown_table(table: list[dict[str, Any]]) -> str:
     out = [
         "| gen | synapses | syn. eff. | clusters | clu. eff. | val acc | test acc "
-        "| MACs (compact) | fps b1 (compact) |",
-        "|" + "---|" * 9,
+        "| MACs (compact) | fps b1 (compact) | ONNX Runtime fps b1 (compact, 1 thread) |",
+        "|" + "---|" * 10,
     ]
     for row in table:
         macs = f"{row['macs_compact']:,}" if row["macs_compact"] != "" else ""
         fps = f"{row['fps_batch1_compact']:,.0f}" if row["fps_batch1_compact"] != "" else ""
+        ort = f"{row['ort_1t_fps_batch1_compact']:,.0f}" if row["ort_1t_fps_batch1_compact"] != "" else ""
         out.append(
             f"| {row['generation']} | {row['synapses']:,} | {row['synaptic_efficiency']:.2f}x | "
             f"{row['clusters']:,} | {row['cluster_efficiency']:.2f}x | {100 * row['val_accuracy']:.2f}% | "
-            f"{100 * row['test_accuracy']:.2f}% | {macs} | {fps} |"
+            f"{100 * row['test_accuracy']:.2f}% | {macs} | {fps} | {ort} |"
         )
     return "\n".join(out)
 

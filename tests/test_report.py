@@ -86,8 +86,10 @@ def test_report(run: Path) -> None:
         table = list(csv.DictReader(fh))
     assert [row["generation"] for row in table] == ["0", "1", "2"]
     assert float(table[2]["synaptic_efficiency"]) > 1.0 and table[2]["fps_batch1_compact"]
+    assert float(table[2]["ort_1t_fps_batch1_compact"]) > 0 < float(table[0]["ort_all_fps_batch1_compact"])
     text = (report / "report.md").read_text()
     assert "9.71x" in text and "| 2 |" in text and "Compact network:" in text
+    assert "In ONNX Runtime (CPU, one thread, the fp32 ONNX export): batch-1 speed" in text
     for name in ("architecture.png", "accuracy.png", "speed.png"):
         assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert _cli("report", str(run / "nowhere")).returncode == 2
