@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from caffe_evo.dependency import tied_channels
 from caffe_evo.errors import CaffeEvoError
-from caffe_evo.evolution import evolvable_layers
+from caffe_evo.evolution import EvolutionConfig, evolvable_layers
 from caffe_evo.recipe import Recipe
 from caffe_evo.training import TrainOptions, train
 from data_prep.lmdb_io import iter_datum_lmdb, write_datum_lmdb
@@ -115,3 +116,9 @@ def test_bad_edits_are_one_line(tiny_root: Path, tmp_path: Path) -> None:
         Recipe.load(RECIPES / "lenet5", tiny_root, stand_in=True)
     for error in (bn, elt, none):
         assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_evolution_config_is_valid(name: str) -> None:
+    data = yaml.safe_load((RECIPES / name / "evolution.yaml").read_text())
+    EvolutionConfig.from_json({**data, "recipe": str(RECIPES / name)}).validate()
