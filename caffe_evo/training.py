@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from caffe_evo import atomic, batchnorm, masking, precision
 from caffe_evo.caffe_env import caffe_pb2, check_nets_build, load_caffe
+from caffe_evo.detection.task import DetectionTask
 from caffe_evo.errors import CaffeEvoError
 from caffe_evo.recipe import DEPLOY_FILE, SOLVER_FILE, TRAIN_VAL_FILE, Recipe, parse_prototxt, to_prototxt
 from caffe_evo.stress import StressSignal
@@ -59,8 +60,13 @@ class TrainOptions:
 
 
 def loss_blob_names(net_param: Any) -> list[str]:
-    """Tops of the loss layers of a NetParameter (layer types ending in ``Loss``)."""
-    return [top for layer in net_param.layer if layer.type.endswith("Loss") for top in layer.top]
+    """Tops of the loss layers of a NetParameter (types ending in ``Loss``, or any layer with a loss weight)."""
+    return [
+        top
+        for layer in net_param.layer
+        if layer.type.endswith("Loss") or any(layer.loss_weight)
+        for top in layer.top
+    ]
 
 
 def evaluate(net: Any, iterations: int) -> dict[str, float]:
@@ -74,12 +80,14 @@ def evaluate(net: Any, iterations: int) -> dict[str, float]:
 
 
 def test_all(solver: Any, recipe: Recipe) -> dict[str, dict[str, float]]:
-    """Evaluate every test net of the solver with the current training weights."""
+    """Evaluate every test net of the solver with the current training weights, as the recipe's task does."""
+    task = DetectionTask.load(recipe.folder)
+    passes = task.passes(recipe) if task is not None else list(recipe.solver.test_iter)
     results = {}
     for i, name in enumerate(recipe.test_net_names()):
         test_net = solver.test_nets[i]
         test_net.share_with(solver.net)
-        results[name] = evaluate(test_net, recipe.solver.test_iter[i])
+        results[name] = (task.evaluate if task else evaluate)(test_net, passes[i])
     return results
 
 

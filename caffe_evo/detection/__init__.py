@@ -1,0 +1,1 @@
+"""Object detection with DetectNet in BVLC Caffe: ground truth, clustering, metrics, the evaluation task."""
