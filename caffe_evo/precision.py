@@ -3,7 +3,9 @@
 Training stays fp32. Afterwards every weight and bias is rounded to the restricted format, and that
 network is what is evaluated, stored and encoded for the next generation. The stored caffemodel keeps
 fp32 blobs holding exactly representable values, so BVLC Caffe reads it; :func:`export` writes the
-half-precision copy for deployment.
+half-precision copy for deployment: ``gen_NNN/weights_<format>.npz`` for the masked full network (keys of
+its ``deploy.prototxt``), and compaction writes ``gen_NNN/compact/weights_<format>.npz`` for the compact
+one (keys of the compact ``deploy.prototxt``), each beside the network it belongs to.
 
 BatchNorm stores its running sums multiplied by a scale factor (about 1,000 after a long training run),
 so a variance above about 65 would overflow fp16 as stored: its statistics are restricted as the

@@ -41,12 +41,17 @@ def ort_session(model: Any, threads: int = 1) -> Any:
         raise CaffeEvoError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") from None
 
 
-def ort_forward(session: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Outputs by name, as float32; inputs are cast to the model's input type."""
+def ort_forward(session: Any, feeds: dict[str, np.ndarray], batch: int = 256) -> dict[str, np.ndarray]:
+    """Outputs by name, as float32, run ``batch`` samples at a time; inputs are cast to the model's type."""
     types = {i.name: np.float16 if i.type == "tensor(float16)" else np.float32 for i in session.get_inputs()}
     names = [o.name for o in session.get_outputs()]
-    outputs = session.run(names, {name: value.astype(types[name]) for name, value in feeds.items()})
-    return {name: out.astype(np.float32) for name, out in zip(names, outputs, strict=True)}
+    total = len(next(iter(feeds.values())))
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for start in range(0, total, batch):
+        chunk = {name: value[start : start + batch].astype(types[name]) for name, value in feeds.items()}
+        for name, out in zip(names, session.run(names, chunk), strict=True):
+            parts[name].append(out.astype(np.float32))
+    return {name: np.concatenate(values) for name, values in parts.items()}
 
 
 def caffe_forward(net: Any, feeds: dict[str, np.ndarray], batch: int = 256) -> dict[str, np.ndarray]:
