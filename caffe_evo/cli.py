@@ -14,6 +14,7 @@ from pathlib import Path
 
 from caffe_evo.caffe_env import configure_logging
 from caffe_evo.errors import CaffeEvoError
+from caffe_evo.executors import ExecutorOptions
 
 
 def _default_cache() -> Path:
@@ -111,7 +112,8 @@ _RUN_OPTIONS = (
     "recipe method prune_fraction prune_scope mask_source generations population seed synapse_factor "
     "cluster_factor factor_mode factor_scope size_exponent init "
     "iters_per_generation ancestor ancestor_iters accuracy_floor max_accuracy_drop max_attempts layers "
-    "data_root allow_python_layers precision stress_level stress_strength stress_period measure drop_unread"
+    "data_root allow_python_layers precision stress_level stress_strength stress_period measure drop_unread "
+    "parents mating fitness_metric fitness_penalty"
 ).split()
 
 
@@ -161,6 +163,10 @@ def evolution_config(args: argparse.Namespace) -> dict:
     return config
 
 
+def _executor(args: argparse.Namespace) -> ExecutorOptions:
+    return ExecutorOptions(args.executor, args.workers, args.ray_address)
+
+
 def _cmd_evolve(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
@@ -168,13 +174,13 @@ def _cmd_evolve(args: argparse.Namespace) -> None:
 
     if args.resume is not None:
         run = args.resume
-        evo = evolution.resume(run, progress=not args.no_progress)
+        evo = evolution.resume(run, progress=not args.no_progress, executor=_executor(args))
     else:
         if args.out is None:
             raise CaffeEvoError("evolve needs --out RUN for a new run, or --resume RUN")
         run = args.out
         config = evolution.EvolutionConfig.from_json(evolution_config(args))
-        evo = evolution.start(config, run, progress=not args.no_progress)
+        evo = evolution.start(config, run, progress=not args.no_progress, executor=_executor(args))
 
     def report(m: dict) -> None:
         tqdm.write(
@@ -319,6 +325,23 @@ def build_parser() -> argparse.ArgumentParser:
     evolve.add_argument("--mask-source", type=Path, help="retrain-mask: generation folder with masks.npz")
     evolve.add_argument("--generations", type=int)
     evolve.add_argument("--population", type=int, help="offspring per generation (K)")
+    evolve.add_argument(
+        "--parents", type=int, help="m: the m fittest candidates are the next generation's parents"
+    )
+    evolve.add_argument("--mating", help="how m parents' probabilities combine: mean | max | min")
+    evolve.add_argument(
+        "--fitness", dest="fitness_metric", help="metrics.json key selection maximises (val_accuracy)"
+    )
+    evolve.add_argument(
+        "--fitness-penalty", type=_fraction, help="metric lost per doubling of synapses (default 0)"
+    )
+    evolve.add_argument(
+        "--executor", default="local", help="where candidates train: local (worker processes) | ray"
+    )
+    evolve.add_argument(
+        "--workers", type=int, help="local worker processes / local Ray CPUs (default: the machine's cores)"
+    )
+    evolve.add_argument("--ray-address", help="an existing Ray cluster, HOST:PORT or auto (--executor ray)")
     evolve.add_argument("--seed", type=int)
     evolve.add_argument("--encoding", help="synapse | cluster")
     evolve.add_argument("--reading", help="exp_shifted: exp(|w|/Z - 1) | exp_minus_one: exp(|w|/Z) - 1")

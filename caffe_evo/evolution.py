@@ -14,6 +14,7 @@ and a resumed run ends with exactly the lineage of an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from caffe_evo import atomic, baselines, dependency, lineage, masking, netstats, selection
+from caffe_evo import atomic, baselines, dependency, executors, lineage, masking, netstats, selection
 from caffe_evo.caffe_env import caffe_pb2, load_caffe
 from caffe_evo.deploy.measure import measure
 from caffe_evo.encoding import EncodingConfig, LayerDNA, bias_mask, encode
@@ -31,7 +32,14 @@ from caffe_evo.errors import CaffeEvoError, SelectionExhausted
 from caffe_evo.precision import check_choice
 from caffe_evo.recipe import DEPLOY_FILE, SOLVER_FILE, TRAIN_VAL_FILE, Recipe, set_solver_fields
 from caffe_evo.stress import StressConfig, StressSignal
-from caffe_evo.synthesis import Environment, Factor, parse_schedule, sample_offspring
+from caffe_evo.synthesis import (
+    Environment,
+    Factor,
+    check_mating,
+    combine_parents,
+    parse_schedule,
+    sample_offspring,
+)
 from caffe_evo.training import METRICS_FILE, SOLVERSTATE_FILE, WEIGHTS_FILE, TrainOptions, relocate, train
 from caffe_evo.weights import load_net
 
@@ -60,6 +68,11 @@ class EvolutionConfig:
     mask_source: str | None = None  # retrain-mask: the generation folder whose masks.npz is retrained
     generations: int = 13
     population: int = 2
+    # m > 1: the m fittest candidates of a generation are the next one's parents (multi-parent synthesis)
+    parents: int = 1
+    mating: str = "mean"  # how the parents' probabilities combine (caffe_evo.synthesis.MATING_RULES)
+    fitness_metric: str = "val_accuracy"  # the key of a candidate's metrics.json that selection maximises
+    fitness_penalty: float = 0.0  # > 0: that much of the metric is lost per doubling of the synapses
     seed: int = 0
     encoding: EncodingConfig = field(default_factory=EncodingConfig)
     synapse_factor: str = "0.9"  # a value in (0, 1], or a per-generation schedule "0.9,0.8,0.7"
@@ -111,6 +124,9 @@ class EvolutionConfig:
             layer_cluster=own["cluster"],
         )
 
+    def fitness(self) -> selection.Fitness:
+        return selection.Fitness(self.fitness_metric, self.fitness_penalty)
+
     def stress(self) -> StressConfig:
         return StressConfig(
             self.stress_level, parse_schedule(self.stress_strength, "stress strength"), self.stress_period
@@ -122,6 +138,14 @@ class EvolutionConfig:
             raise CaffeEvoError(f"--generations must be at least 1, got {self.generations}")
         if self.population < 1:
             raise CaffeEvoError(f"--population must be at least 1, got {self.population}")
+        if not 1 <= self.parents <= self.population:
+            raise CaffeEvoError(
+                f"--parents must be between 1 and the population ({self.population}), got {self.parents}"
+            )
+        if self.parents > 1 and self.method != "evolution":
+            raise CaffeEvoError(f"--parents {self.parents} needs --method evolution")
+        check_mating(self.mating)
+        self.fitness()
         if self.max_attempts < 1:
             raise CaffeEvoError(f"--max-attempts must be at least 1, got {self.max_attempts}")
         if self.iters_per_generation < 1:
@@ -189,11 +213,31 @@ class EvolutionConfig:
 
 @dataclass
 class Parent:
-    """What a generation needs from its parent."""
+    """What a generation needs from its parent, or from the several parents one stands for."""
 
     generation: int
+    folder: Path  # a training folder of this architecture (its deploy.prototxt)
     params: dict[str, list[np.ndarray]]  # layer -> [weights, bias] as stored (fp32)
     masks: dict[str, np.ndarray]  # evolvable layer -> bool synapse mask
+    sources: list[str]  # the parents' folders, relative to the run, fittest first
+
+    @classmethod
+    def mate(cls, parents: list[Parent]) -> Parent:
+        """One parent standing for parents of one ancestor: the union of their masks (a synapse dead in
+        every parent stays dead) and each living parameter from the fittest parent in which it lives."""
+        first = parents[0]
+        params = {name: [blob.copy() for blob in blobs] for name, blobs in first.params.items()}
+        masks = {name: mask.copy() for name, mask in first.masks.items()}
+        for other in parents[1:]:
+            for name, mask in masks.items():
+                gained = other.masks[name] & ~mask
+                blobs = params[name]
+                blobs[0][gained] = other.params[name][0][gained]
+                gained_bias = bias_mask(other.masks[name]) & ~bias_mask(mask)
+                for blob, source in zip(blobs[1:], other.params[name][1:], strict=True):
+                    blob[gained_bias] = source[gained_bias]
+                mask |= other.masks[name]
+        return cls(first.generation, first.folder, params, masks, [s for p in parents for s in p.sources])
 
     def of_layers(self, names: list[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Weights and masks of the named layers, in that order."""
@@ -225,7 +269,8 @@ def read_params(deploy: Path, weights: Path) -> dict[str, list[np.ndarray]]:
 def offspring_init(
     parent: Parent, masks: dict[str, np.ndarray], init: str
 ) -> dict[str, list[np.ndarray]] | None:
-    """Inherited, masked weights (heredity) or None (the recipe's fillers, masked by the trainer)."""
+    """Inherited, masked weights (heredity; from :meth:`Parent.mate` for several parents) or None (the
+    recipe's fillers, masked by the trainer)."""
     if init == "reinit":
         return None
     inherited = {}
@@ -269,11 +314,22 @@ def _versions() -> dict[str, str]:
 class Evolution:
     """One run folder; :meth:`run` carries it from wherever it stands to its last generation."""
 
-    def __init__(self, config: EvolutionConfig, run: Path, progress: bool = True) -> None:
+    def __init__(
+        self,
+        config: EvolutionConfig,
+        run: Path,
+        progress: bool = True,
+        executor: executors.ExecutorOptions | None = None,
+    ) -> None:
         config.validate()
+        self.executor = executor or executors.ExecutorOptions()
+        self.executor.validate()
         self.config = config
         self.run_dir = Path(run).resolve()
         self.progress = progress
+        self.fitness = config.fitness()
+        self._breeding: dict[int, tuple[Parent, dict[str, LayerDNA]]] = {}  # generation -> parent, DNA
+        self._pool: executors.Executor | None = None  # while run() runs
         data_root = Path(config.data_root) if config.data_root else None
         self.recipe = Recipe.load(Path(config.recipe), data_root, config.allow_python_layers)
         self.layers, self.protected = evolvable_layers(self.recipe, config.layers)
@@ -350,21 +406,54 @@ class Evolution:
             stress, self.config.encoding, self.environment, generation, evolving, self.protected, rng
         )
 
-    def _parent(self, generation: int) -> Parent:
-        gen_dir = lineage.generation_dir(self.run_dir, generation)
-        params = read_params(gen_dir / DEPLOY_FILE, gen_dir / WEIGHTS_FILE)
-        return Parent(generation, params, masking.load(gen_dir / lineage.MASKS_FILE))
+    def _load_parent(self, folder: Path, generation: int) -> Parent:
+        params = read_params(folder / DEPLOY_FILE, folder / WEIGHTS_FILE)
+        masks = masking.load(folder / lineage.MASKS_FILE)
+        return Parent(generation, folder, params, masks, [str(folder.relative_to(self.run_dir))])
 
-    def _candidate(
-        self, parent: Parent, dna: dict, generation: int, attempt: int, k: int, ancestor: dict[str, Any]
-    ) -> dict[str, Any]:
+    def _parents(self, generation: int) -> list[Parent]:
+        """The survivors of ``generation``, fittest first: its folder, then the other kept candidates."""
+        gen_dir = lineage.generation_dir(self.run_dir, generation)
+        parents = [self._load_parent(gen_dir, generation)]
+        if generation > 0:
+            survivors = lineage.read_json(gen_dir / METRICS_FILE)["selection"].get("survivors", [])
+            for attempt, k in survivors[1 : self.config.parents]:
+                folder = lineage.candidate_dir(self.run_dir, generation, attempt, k)
+                parents.append(self._load_parent(folder, generation))
+        return parents
+
+    def _breed(self, generation: int) -> tuple[Parent, dict[str, LayerDNA]]:
+        """Offspring ``generation``'s parent (standing for all its parents) and DNA, computed once."""
+        if generation not in self._breeding:
+            parents = self._parents(generation - 1)
+            dna: dict[str, LayerDNA] = {}
+            if self.config.method == "evolution":
+                dnas = [
+                    encode(*p.of_layers(self.evolving), self.config.encoding, self.protected) for p in parents
+                ]
+                if len(parents) == 1:
+                    dna = dnas[0]
+                else:
+                    dna, _ = combine_parents(
+                        dnas, [p.of_layers(self.evolving)[1] for p in parents], self.config.mating
+                    )
+            self._breeding = {generation: (Parent.mate(parents), dna)}  # older generations are done
+        return self._breeding[generation]
+
+    def candidate(self, generation: int, attempt: int, k: int) -> dict[str, Any]:
+        """Train offspring ``generation``, attempt ``attempt``, candidate ``k`` (unless done); its metrics.
+
+        Everything it needs comes from the lineage on disk, so any process may run it.
+        """
         folder = lineage.candidate_dir(self.run_dir, generation, attempt, k)
         if (folder / METRICS_FILE).is_file():
             return lineage.read_json(folder / METRICS_FILE)
+        parent, dna = self._breed(generation)
+        ancestor = lineage.read_json(lineage.generation_dir(self.run_dir, 0) / METRICS_FILE)
         seeds = CandidateSeeds.of(self.config.seed, generation, attempt, k)
         proposed = self._propose(parent, dna, generation, seeds.mask)
         if self.config.drop_unread:
-            deploy = lineage.generation_dir(self.run_dir, parent.generation) / DEPLOY_FILE
+            deploy = parent.folder / DEPLOY_FILE
             proposed = dependency.drop_unread(deploy, parent.params, proposed, self.protected, parent.masks)
         masks = {name: proposed.get(name, parent.masks[name]) for name in self.layers}
         options = TrainOptions(
@@ -393,6 +482,7 @@ class Evolution:
                 "attempt": attempt,
                 "candidate": k,
                 "parent_generation": parent.generation,
+                "parents": parent.sources,
                 "mask_seed": [self.config.seed, generation, attempt, k],
                 "environment": {
                     "synapse": self.environment.synapse.at(generation),
@@ -433,33 +523,34 @@ class Evolution:
             )
         return {name: source[name] & masks[name] for name in masks}
 
-    def _generation(self, generation: int, ancestor: dict[str, Any], floor: float) -> dict[str, Any]:
-        parent = self._parent(generation - 1)
-        dna: dict[str, LayerDNA] = {}
-        if self.config.method == "evolution":
-            dna = encode(*parent.of_layers(self.evolving), self.config.encoding, self.protected)
+    def _generation(self, generation: int, floor: float) -> dict[str, Any]:
         tried: list[dict[str, Any]] = []
         for attempt in range(self.config.max_attempts):
-            candidates = [
-                self._candidate(parent, dna, generation, attempt, k, ancestor)
+            tasks = [
+                CandidateTask(str(self.run_dir), generation, attempt, k)
                 for k in range(self.config.population)
             ]
-            tried += candidates
-            winner = selection.fittest(candidates, floor)
-            if winner is not None:
+            assert self._pool is not None
+            desc = f"gen {generation} attempt {attempt}"
+            with tqdm(total=len(tasks), desc=desc, disable=not self.progress) as bar:
+                tried += self._pool.map(train_candidate, tasks, functools.partial(_show_running, bar))
+            survivors = self.fitness.rank(tried, floor)[: self.config.parents]
+            if survivors:
                 break
         else:
-            best = max(c["val_accuracy"] for c in tried)
+            best = max(self.fitness.value(c) for c in tried)
             raise SelectionExhausted(
-                f"generation {generation}: no offspring reached the validation accuracy floor {floor:.4f} in "
-                f"{self.config.max_attempts} attempts (best {best:.4f}); lineage kept up to generation "
+                f"generation {generation}: no offspring reached the {self.fitness.metric} floor {floor:.4f} "
+                f"in {self.config.max_attempts} attempts (best {best:.4f}); lineage kept up to generation "
                 f"{generation - 1} in {self.run_dir}"
             )
+        winner = survivors[0]
         source = lineage.candidate_dir(self.run_dir, generation, winner["attempt"], winner["candidate"])
         gen_dir = lineage.generation_dir(self.run_dir, generation)
-        metrics = {**winner, "selection": selection.summary(tried, winner, floor)}
+        metrics = {**winner, "selection": self.fitness.summary(tried, survivors, floor)}
         with atomic.atomic_path(gen_dir, directory=True) as work:
             relocate(source, work, gen_dir)
+            # Timed here, after every candidate's training, so that no concurrent training skews it.
             metrics.update(self._cost(work, masking.load(work / lineage.MASKS_FILE)))
             atomic.write_json(work / METRICS_FILE, metrics)
         return metrics
@@ -471,38 +562,80 @@ class Evolution:
         run_file = self.run_dir / lineage.RUN_FILE
         if not run_file.is_file():
             self._check_ancestor_source()
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic.write_json(run_file, {"config": self.config.to_json(), "versions": _versions()})
+        # Before anything is written or trained, so that an unreachable cluster costs nothing.
+        self._pool = executors.make(self.executor)
+        try:
+            if not run_file.is_file():
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                atomic.write_json(run_file, {"config": self.config.to_json(), "versions": _versions()})
+            return self._run(on_generation)
+        finally:
+            self._pool.close()
+            self._pool = None
+
+    def _run(self, on_generation: Callable[[dict[str, Any]], None] | None) -> list[dict[str, Any]]:
         ancestor = self._ancestor()
         floor = self.config.accuracy_floor
         if floor is None:
-            floor = ancestor["val_accuracy"] - self.config.max_accuracy_drop
+            floor = self.fitness.value(ancestor) - self.config.max_accuracy_drop
         history = [ancestor]
         if on_generation is not None:
             on_generation(ancestor)
-        bar = tqdm(range(1, self.config.generations + 1), desc="generations", disable=not self.progress)
-        for generation in bar:
+        for generation in range(1, self.config.generations + 1):
             gen_file = lineage.generation_dir(self.run_dir, generation) / METRICS_FILE
             if gen_file.is_file():
                 metrics = lineage.read_json(gen_file)
             else:
-                metrics = self._generation(generation, ancestor, floor)
+                metrics = self._generation(generation, floor)
             history.append(metrics)
             if on_generation is not None:
                 on_generation(metrics)
-        bar.close()
         return history
 
 
-def start(config: EvolutionConfig, run: Path, progress: bool = True) -> Evolution:
+@dataclass(frozen=True)
+class CandidateTask:
+    """One offspring to train, as sent to a worker: the run folder and its coordinates."""
+
+    run: str
+    generation: int
+    attempt: int
+    candidate: int
+
+    def __str__(self) -> str:
+        return f"candidate a{self.attempt}_c{self.candidate} of generation {self.generation}"
+
+
+def _show_running(bar: tqdm, running: list[CandidateTask], done: int) -> None:
+    bar.update(done - bar.n)
+    bar.set_postfix_str("training " + ", ".join(f"c{t.candidate}" for t in running) if running else "")
+
+
+_worker_runs: dict[str, Evolution] = {}  # a worker's runs, each loaded once (recipe, parents, DNA)
+
+
+def train_candidate(task: CandidateTask) -> dict[str, Any]:
+    """A worker's entry: train the candidate from what the lineage on disk holds; its metrics."""
+    if task.run not in _worker_runs:
+        stored = lineage.read_run(Path(task.run))
+        _worker_runs[task.run] = Evolution(EvolutionConfig.from_json(stored["config"]), Path(task.run), False)
+    return _worker_runs[task.run].candidate(task.generation, task.attempt, task.candidate)
+
+
+def start(
+    config: EvolutionConfig,
+    run: Path,
+    progress: bool = True,
+    executor: executors.ExecutorOptions | None = None,
+) -> Evolution:
     """A new run in the folder ``run``, which must not exist yet (nothing is written on bad input)."""
     run = Path(run)
     if run.exists():
         raise CaffeEvoError(f"{run}: already exists; use --resume {run} to continue it")
-    return Evolution(config, run, progress)
+    return Evolution(config, run, progress, executor)
 
 
-def resume(run: Path, progress: bool = True) -> Evolution:
-    """The run in ``run``, reconfigured from its ``run.json``."""
+def resume(run: Path, progress: bool = True, executor: executors.ExecutorOptions | None = None) -> Evolution:
+    """The run in ``run``, reconfigured from its ``run.json``; the executor may differ from its start."""
     stored = lineage.read_run(Path(run))
-    return Evolution(EvolutionConfig.from_json(stored["config"]), Path(run), progress)
+    return Evolution(EvolutionConfig.from_json(stored["config"]), Path(run), progress, executor)

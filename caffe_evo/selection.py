@@ -1,35 +1,67 @@
-"""Natural selection: the fittest offspring of a generation survives to be the next parent.
+"""Natural selection: the fittest offspring of a generation survive to be the next parents.
 
-Fitness is validation accuracy (never the reported test set), subject to an accuracy floor; ties go to the
-offspring with fewer synapses, then to the earlier candidate, so selection is deterministic.
+Fitness is a validation metric of the candidate's ``metrics.json`` (never the reported test set),
+``val_accuracy`` unless told otherwise (a detector's ``val_mAP``), and a candidate must reach the floor
+on that metric to be eligible. An optional efficiency penalty makes selection prefer the smaller of two
+near-equal candidates by more than a tie-break: ``score = metric - penalty * log2(synapses)``, i.e.
+halving the synapses is worth ``penalty`` of the metric. Ties go to fewer synapses, then to the earlier
+attempt and candidate, so selection is deterministic.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
-
-def fittest(candidates: list[dict[str, Any]], floor: float) -> dict[str, Any] | None:
-    """The surviving candidate's metrics, or None when no candidate reaches ``floor``."""
-    eligible = [c for c in candidates if c["val_accuracy"] >= floor]
-    if not eligible:
-        return None
-    return max(eligible, key=lambda c: (c["val_accuracy"], -c["synapses"], -c["attempt"], -c["candidate"]))
+from caffe_evo.errors import CaffeEvoError
 
 
-def summary(tried: list[dict[str, Any]], winner: dict[str, Any], floor: float) -> dict[str, Any]:
-    """What selection saw, for the generation's ``metrics.json``."""
-    return {
-        "floor": floor,
-        "winner": [winner["attempt"], winner["candidate"]],
-        "candidates": [
-            {
-                "attempt": c["attempt"],
-                "candidate": c["candidate"],
-                "val_accuracy": c["val_accuracy"],
-                "synapses": c["synapses"],
-                "eligible": c["val_accuracy"] >= floor,
-            }
-            for c in tried
-        ],
-    }
+@dataclass(frozen=True)
+class Fitness:
+    metric: str = "val_accuracy"
+    penalty: float = 0.0  # metric lost per doubling of the synapses
+
+    def __post_init__(self) -> None:
+        if not self.metric:
+            raise CaffeEvoError("the fitness metric must name a key of metrics.json, e.g. val_accuracy")
+        if not 0.0 <= self.penalty < math.inf:
+            raise CaffeEvoError(f"--fitness-penalty must be a non-negative number, got {self.penalty}")
+
+    def value(self, metrics: dict[str, Any]) -> float:
+        """The raw metric, which the floor applies to."""
+        if self.metric not in metrics:
+            numeric = sorted(k for k, v in metrics.items() if k.startswith("val_") and isinstance(v, float))
+            raise CaffeEvoError(
+                f"fitness metric {self.metric!r} is not in the metrics (has: {', '.join(numeric)})"
+            )
+        return float(metrics[self.metric])
+
+    def score(self, metrics: dict[str, Any]) -> float:
+        return self.value(metrics) - self.penalty * math.log2(max(metrics["synapses"], 1))
+
+    def rank(self, candidates: list[dict[str, Any]], floor: float) -> list[dict[str, Any]]:
+        """The candidates that reach ``floor``, fittest first."""
+        eligible = [c for c in candidates if self.value(c) >= floor]
+        return sorted(eligible, key=lambda c: (-self.score(c), c["synapses"], c["attempt"], c["candidate"]))
+
+    def summary(self, tried: list[dict[str, Any]], survivors: list[dict[str, Any]], floor: float) -> dict:
+        """What selection saw, for the generation's ``metrics.json``."""
+        return {
+            "metric": self.metric,
+            "penalty": self.penalty,
+            "floor": floor,
+            "winner": [survivors[0]["attempt"], survivors[0]["candidate"]],
+            "survivors": [[c["attempt"], c["candidate"]] for c in survivors],
+            "candidates": [
+                {
+                    "attempt": c["attempt"],
+                    "candidate": c["candidate"],
+                    self.metric: self.value(c),
+                    "score": self.score(c),
+                    "synapses": c["synapses"],
+                    "eligible": self.value(c) >= floor,
+                }
+                for c in tried
+            ],
+        }

@@ -271,3 +271,44 @@ def _class_probabilities(
             count[c] = count.get(c, 0) + 1
     classes = {int(c) for ids in tied.values() for c in ids[ids >= 0]}
     return {c: total[c] / count[c] if c in count else 0.0 for c in classes}
+
+
+# How m parents' probabilities combine into the offspring's (multi-parent synthesis, "mating").
+# The m-parent papers (Chung, Shafiee, Fieguth, Wong 2017-2018) synthesise the offspring from a
+# combination of all parents' encodings; "mean" weighs the parents equally, which is our reading of
+# them. "max" lets the most favourable parent decide (a union of their preferences), "min" keeps only
+# what every parent favours (a synapse dead in any parent dies).
+MATING_RULES = ("mean", "max", "min")
+
+
+def check_mating(rule: str) -> None:
+    if rule not in MATING_RULES:
+        raise CaffeEvoError(f"unknown --mating rule {rule!r}; choose from {', '.join(MATING_RULES)}")
+
+
+def combine_parents(
+    dnas: list[dict[str, LayerDNA]], masks: list[Masks], rule: str
+) -> tuple[dict[str, LayerDNA], Masks]:
+    """The offspring's DNA and hereditary mask from the DNAs and masks of m parents.
+
+    All parents descend from one ancestor, so their clusters and synapses align by index. A parent's
+    dead synapse or cluster has probability 0 in its DNA and takes part in the rule as such. The
+    hereditary mask is the union of the parents' masks: a synapse dead in every parent stays dead.
+    """
+    check_mating(rule)
+    if not dnas or len(dnas) != len(masks):
+        raise CaffeEvoError(f"mating needs one mask per parent DNA, got {len(dnas)} DNAs, {len(masks)} masks")
+    combine = {"mean": np.mean, "max": np.max, "min": np.min}[rule]
+    offspring: dict[str, LayerDNA] = {}
+    union: Masks = {}
+    for name, first in dnas[0].items():
+        layers = [dna[name] for dna in dnas]
+        shapes = {layer.synapse.shape for layer in layers} | {m[name].shape for m in masks}
+        if len(shapes) != 1:
+            raise CaffeEvoError(f"layer '{name}': parents of different shapes {sorted(shapes)} cannot mate")
+        cluster = None
+        if first.cluster is not None:
+            cluster = combine(np.stack([layer.cluster for layer in layers]), axis=0)
+        offspring[name] = LayerDNA(combine(np.stack([layer.synapse for layer in layers]), axis=0), cluster)
+        union[name] = np.logical_or.reduce([m[name] for m in masks])
+    return offspring, union

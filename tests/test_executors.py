@@ -1,0 +1,192 @@
+"""Candidates trained by local worker processes and by Ray: the same lineage bit for bit, workers that die,
+a driver killed mid-generation, bad executor options. Real pycaffe, real MNIST, a local Ray instance."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from caffe_evo.errors import CaffeEvoError
+from caffe_evo.evolution import EvolutionConfig, resume, start
+from caffe_evo.executors import ExecutorOptions, LocalExecutor, make
+from caffe_evo.recipe import Recipe
+from caffe_evo.training import TrainOptions, train
+
+
+@pytest.fixture(scope="module")
+def tiny_recipe(tmp_path_factory: pytest.TempPathFactory, lenet5: Path) -> Path:
+    """LeNet-5 evaluated on 500 validation and 500 test images."""
+    folder = tmp_path_factory.mktemp("recipes") / "lenet5-tiny"
+    shutil.copytree(lenet5, folder)
+    solver = (folder / "solver.prototxt").read_text()
+    (folder / "solver.prototxt").write_text(
+        solver.replace("test_iter: 50", "test_iter: 5").replace("test_iter: 100", "test_iter: 5")
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lenet5() -> Path:  # module scope, unlike conftest's
+    return Path(__file__).resolve().parent.parent / "prototxt" / "lenet5"
+
+
+@pytest.fixture(scope="module")
+def config_json(tiny_recipe: Path, data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A 2-generation run of 2 candidates from one ancestor trained once here."""
+    ancestor = tmp_path_factory.mktemp("ancestor") / "trained"
+    train(Recipe.load(tiny_recipe, data_root), ancestor, TrainOptions(max_iter=60, seed=5, progress=False))
+    return EvolutionConfig(
+        recipe=str(tiny_recipe),
+        data_root=str(data_root),
+        ancestor=str(ancestor),
+        generations=2,
+        population=2,
+        seed=11,
+        iters_per_generation=20,
+        max_accuracy_drop=1.0,
+        measure=False,
+    ).to_json()
+
+
+def fingerprint(run: Path) -> dict[str, str]:
+    """md5 of every mask and caffemodel in the lineage (candidates included), by relative path."""
+    files = sorted(p for p in run.rglob("*") if p.name in ("masks.npz", "weights.caffemodel"))
+    assert len(files) == 2 * (3 + 2 * 2)  # gen_000..gen_002 and 2 generations x 2 candidates, 2 files each
+    return {str(p.relative_to(run)): hashlib.md5(p.read_bytes()).hexdigest() for p in files}
+
+
+@pytest.fixture(scope="module")
+def one_worker(config_json: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("w1") / "run"
+    config = EvolutionConfig.from_json(config_json)
+    start(config, run, progress=False, executor=ExecutorOptions(workers=1)).run()
+    return run
+
+
+def test_two_workers_and_ray_give_the_same_lineage(
+    one_worker: Path, config_json: dict, tmp_path: Path
+) -> None:
+    reference = fingerprint(one_worker)
+    for name, options in (("w2", ExecutorOptions(workers=2)), ("ray", ExecutorOptions("ray", workers=2))):
+        run = tmp_path / name
+        start(EvolutionConfig.from_json(config_json), run, progress=False, executor=options).run()
+        assert fingerprint(run) == reference, name
+        candidate = json.loads((run / "candidates" / "gen_002" / "a0_c1" / "metrics.json").read_text())
+        assert candidate["parents"] == ["gen_001"]
+
+
+def _cli(config_json: dict, run: Path, tmp_path: Path, *options: str) -> subprocess.Popen:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(config_json))
+    command = [sys.executable, "-m", "caffe_evo.cli", "evolve", "--config", str(config), "--out", str(run)]
+    return subprocess.Popen(
+        [*command, "--no-progress", *options], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _workers(pid: int) -> list[int]:
+    """The pool's worker processes among the children of ``pid`` (not multiprocessing's resource tracker)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.append(int(child))
+    return found
+
+
+def _when_training(proc: subprocess.Popen, folder: Path) -> None:
+    """Wait until a candidate of ``folder`` is being written (a worker is inside its training)."""
+    deadline = time.monotonic() + 300  # generous: the machine may be busy
+    while not list(folder.glob(".a0_c*.partial-*")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before the kill"
+        time.sleep(0.05)
+    time.sleep(0.5)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def test_killed_worker_is_retried(one_worker: Path, config_json: dict, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = _cli(config_json, run, tmp_path, "--workers", "2")
+    _when_training(proc, run / "candidates" / "gen_002")
+    victims = _workers(proc.pid)
+    assert len(victims) == 2
+    os.kill(victims[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert fingerprint(run) == fingerprint(one_worker)
+    assert not list(run.rglob("*.partial-*"))
+
+
+def test_killed_driver_takes_its_workers_along_and_resumes(
+    one_worker: Path, config_json: dict, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    proc = _cli(config_json, run, tmp_path, "--workers", "2")
+    _when_training(proc, run / "candidates" / "gen_001")
+    workers = _workers(proc.pid)
+    assert workers
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 20
+    while any(_alive(pid) for pid in workers):  # no orphan keeps writing the candidate
+        assert time.monotonic() < deadline, "a worker outlived its driver"
+        time.sleep(0.1)
+    assert not (run / "gen_001").exists()
+    resume(run, progress=False, executor=ExecutorOptions(workers=1)).run()  # other options: allowed
+    assert fingerprint(run) == fingerprint(one_worker)
+    assert not list(run.rglob("*.partial-*"))
+
+
+def _die_once(marker: str) -> int:
+    """Kill this worker the first time, as the OOM killer would; succeed when retried."""
+    if not Path(marker).exists():
+        Path(marker).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return os.getpid()
+
+
+def _die(_: int) -> int:
+    os.kill(os.getpid(), signal.SIGKILL)
+    return 0
+
+
+def test_a_worker_that_keeps_dying_fails_cleanly(tmp_path: Path) -> None:
+    pool = LocalExecutor(2, {"OPENBLAS_NUM_THREADS": "1"})
+    try:
+        assert pool.map(_die_once, [str(tmp_path / "marker")])[0] > 0  # retried in a fresh worker
+        started = time.monotonic()
+        with pytest.raises(CaffeEvoError, match="worker process died .* 2 times; what completed is kept"):
+            pool.map(_die, [1, 2])
+        assert time.monotonic() - started < 60  # never a hang
+        assert pool.map(abs, [-3]) == [3]  # the executor stays usable
+    finally:
+        pool.close()
+
+
+def test_bad_executor_options(tmp_path: Path) -> None:
+    with pytest.raises(CaffeEvoError, match="--workers must be at least 1, got 0"):
+        make(ExecutorOptions(workers=0))
+    with pytest.raises(CaffeEvoError, match="--ray-address needs --executor ray"):
+        make(ExecutorOptions(ray_address="127.0.0.1:1"))
+    with pytest.raises(CaffeEvoError, match="unknown --executor 'slurm'"):
+        make(ExecutorOptions("slurm"))
+    started = time.monotonic()
+    with pytest.raises(CaffeEvoError, match=r"--ray-address 127\.0\.0\.1:9: no Ray head reachable"):
+        make(ExecutorOptions("ray", ray_address="127.0.0.1:9"))
+    assert time.monotonic() - started < 10
