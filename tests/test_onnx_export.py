@@ -354,3 +354,24 @@ def test_bench_engine_times_an_onnx_model_and_explains_trt(lineage: Path) -> Non
         assert result.returncode == 2 and "needs TensorRT's Python package" in result.stderr
     finally:
         engine.unlink()
+
+
+def test_cost_times_onnx_runtime_and_survives_a_net_onnx_cannot_express(tmp_path: Path) -> None:
+    from caffe_evo.deploy.measure import network_cost
+
+    for params, exportable in (
+        ("pool: MAX kernel_size: 2 stride: 2", True),
+        ("pool: MAX kernel_size: 2 stride: 3", False),
+    ):
+        layers = layer("Convolution", "convolution_param { num_output: 2 kernel_size: 3 }", top="c")
+        layers += layer("Pooling", f"pooling_param {{ {params} }}", bottom="c", top="p")
+        deploy = net_of(tmp_path, layers, shape=(1, 1, 8, 8))  # c is 6x6: stride 3 pools an empty window
+        net, _ = random_net(deploy, seed=0)
+        net.save(str(tmp_path / "w.caffemodel"))
+        cost = network_cost(deploy, tmp_path / "w.caffemodel", repeats=3)
+        assert cost["fps_batch1"] > 0
+        if exportable:
+            assert cost["ort_1t_fps_batch1"] > 0 and cost["ort_all_images_per_s_batch64"] > 0
+            assert cost["ort_threads_all"] == runtime.all_cores()
+        else:
+            assert "a last window wholly outside the input" in cost["ort_unavailable"]
