@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from caffe_evo.errors import CaffeEvoError
+
 PARTIAL_MARK = ".partial-"
 
 
@@ -25,6 +27,31 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under ``folder`` to disk: once renamed complete, it stays complete."""
+    for path in sorted(folder.rglob("*"), reverse=True):  # contents before their folders
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            _fsync_dir(path)
+        else:
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(folder)
+
+
+def check_space(folder: Path, needed: int) -> None:
+    """Refuse to go on when ``folder``'s file system has fewer than ``needed`` bytes free, or is not writable.
+
+    For writers that cannot fail cleanly (Caffe's own abort the process on an I/O error).
+    """
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise CaffeEvoError(f"{folder}: {free:,} bytes free, {needed:,} needed; free some disk space")
+    if not os.access(folder, os.W_OK):
+        raise CaffeEvoError(f"{folder}: not writable")
 
 
 def remove_partials(parent: Path, name: str) -> None:
@@ -57,6 +84,7 @@ def atomic_path(final: Path, *, directory: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         if directory:
+            _fsync_tree(tmp)
             if final.exists():
                 shutil.rmtree(final)
         else:

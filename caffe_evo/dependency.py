@@ -29,6 +29,7 @@ from caffe_evo.caffe_env import caffe_pb2, load_caffe
 from caffe_evo.encoding import Masks, bias_mask
 from caffe_evo.errors import CaffeEvoError
 from caffe_evo.recipe import parse_prototxt
+from caffe_evo.weights import load_net
 
 WEIGHTED = ("Convolution", "InnerProduct")
 # Besides these, Concat and Eltwise: every other layer maps input channel i to output channel i, except
@@ -465,6 +466,14 @@ def drop_unread(
             # A synapse given back reads a living channel, so it makes no other synapse removable.
             strength = {name: np.abs(params[name][0]) for name in outputs & masks.keys()}
             return keep_outputs(masks, original if parent is None else parent, strength, outputs, readable)
+
+
+def check_follows(deploy: Path) -> None:
+    """Raise the error that the dependency step or compaction would raise on the net ``deploy``, with
+    the layers' fillers for weights: the structure decides, so nothing needs to be trained first."""
+    proto = parse_prototxt(deploy, caffe_pb2().NetParameter())
+    check_supported(proto, deploy)
+    ChannelGraph(proto, load_net(Path(deploy), None))
 
 
 def check_supported(proto: Any, deploy: Path) -> None:

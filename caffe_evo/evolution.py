@@ -45,6 +45,9 @@ from caffe_evo.weights import load_net
 
 EVOLVABLE_TYPES = ("Convolution", "InnerProduct")
 INIT_MODES = ("inherit", "reinit")
+# What a resumed run may change: none of it changes the lineage so far.
+RESUMABLE = ("generations", "measure", "allow_python_layers")
+_PATHS = ("recipe", "data_root", "ancestor", "mask_source")
 
 
 @dataclass
@@ -184,6 +187,25 @@ class EvolutionConfig:
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def resumed(self, given: dict[str, Any]) -> EvolutionConfig:
+        """This run's configuration with the options ``given`` to a resume (keys as in ``run.json``);
+        only :data:`RESUMABLE` ones may differ, e.g. more generations extend the run."""
+        new = EvolutionConfig.from_json(_merged(self.to_json(), given))
+
+        def same(key: str) -> bool:
+            old, value = getattr(self, key), getattr(new, key)
+            if key in _PATHS and old and value:
+                return Path(old).resolve() == Path(value).resolve()
+            return old == value
+
+        fixed = [f.name for f in dataclasses.fields(self) if f.name not in RESUMABLE and not same(f.name)]
+        if fixed:
+            raise CaffeEvoError(
+                f"a resumed run cannot change {', '.join(fixed)} (they shape its lineage); only "
+                f"{', '.join(RESUMABLE)} can change, or start a new run with --out"
+            )
+        return new
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> EvolutionConfig:
         known = {f.name for f in dataclasses.fields(cls)}
@@ -209,6 +231,15 @@ class EvolutionConfig:
                 if not isinstance(value, accepted) or (expected is not bool and isinstance(value, bool)):
                     raise CaffeEvoError(f"configuration {key}: expected {expected.__name__}, got {value!r}")
         return cls(**values)
+
+
+def _merged(base: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``given`` over it, nested mappings (encoding, layer factors) merged key by key."""
+    merged = dict(base)
+    for key, value in given.items():
+        old = merged.get(key)
+        merged[key] = _merged(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+    return merged
 
 
 @dataclass
@@ -333,6 +364,7 @@ class Evolution:
         data_root = Path(config.data_root) if config.data_root else None
         self.recipe = Recipe.load(Path(config.recipe), data_root, config.allow_python_layers)
         self.layers, self.protected = evolvable_layers(self.recipe, config.layers)
+        self._check_recipe()
         self.evolving = config.layers or self.layers
         unknown = sorted(set(config.layer_factors) - set(self.evolving))
         if unknown:
@@ -343,13 +375,30 @@ class Evolution:
         self.environment = config.environment()
         self.granularity = config.encoding.granularity
 
+    def _check_recipe(self) -> None:
+        """Refuse here what would otherwise fail only after the ancestor has trained."""
+        if "val" not in self.recipe.test_net_names():
+            raise CaffeEvoError(
+                f"recipe {self.recipe.name}: its solver has no test net of stage val (evolution selects on "
+                "the validation split, held out of training; the test set is only reported)"
+            )
+        if self.config.measure or self.config.drop_unread:
+            try:
+                dependency.check_follows(self.recipe.folder / DEPLOY_FILE)
+            except CaffeEvoError as exc:
+                raise CaffeEvoError(
+                    f"{exc}; evolve it with --no-measure --keep-unread (no compaction, no dependency step)"
+                ) from None
+
     # -- the ancestor -------------------------------------------------------------------------------------
 
     def _ancestor(self) -> dict[str, Any]:
         gen_dir = lineage.generation_dir(self.run_dir, 0)
         if (gen_dir / METRICS_FILE).is_file():
             return lineage.read_json(gen_dir / METRICS_FILE)
-        if self.config.ancestor is None:
+        # Trained into a candidate folder of its own, so that what follows (measuring it) cannot lose it.
+        source = Path(self.config.ancestor or lineage.candidate_dir(self.run_dir, 0, 0, 0))
+        if self.config.ancestor is None and not (source / METRICS_FILE).is_file():
             options = TrainOptions(
                 max_iter=self.config.ancestor_iters,
                 seed=self.config.seed,
@@ -357,8 +406,7 @@ class Evolution:
                 solver_overrides=self.config.solver_overrides,
                 progress=self.progress,
             )
-            return train(self.recipe, gen_dir, options, finalize=self._finalize_ancestor)
-        source = Path(self.config.ancestor)
+            train(self.recipe, source, options)
         with atomic.atomic_path(gen_dir, directory=True) as work:
             relocate(source, work, gen_dir)
             metrics = self._finalize_ancestor(work, lineage.read_json(source / METRICS_FILE))
@@ -391,7 +439,13 @@ class Evolution:
     def _cost(self, folder: Path, masks: dict[str, np.ndarray]) -> dict[str, Any]:
         if not self.config.measure:
             return {}
-        return {"cost": measure(folder, masks, precision=self.config.precision)}
+        try:
+            return {"cost": measure(folder, masks, precision=self.config.precision)}
+        except CaffeEvoError as exc:
+            raise CaffeEvoError(
+                f"{exc}; the trained networks are kept in {self.run_dir / 'candidates'}: "
+                f"`caffe-evo evolve --resume {self.run_dir} --no-measure` goes on without measuring"
+            ) from None
 
     # -- one generation -----------------------------------------------------------------------------------
 
@@ -635,7 +689,18 @@ def start(
     return Evolution(config, run, progress, executor)
 
 
-def resume(run: Path, progress: bool = True, executor: executors.ExecutorOptions | None = None) -> Evolution:
-    """The run in ``run``, reconfigured from its ``run.json``; the executor may differ from its start."""
-    stored = lineage.read_run(Path(run))
-    return Evolution(EvolutionConfig.from_json(stored["config"]), Path(run), progress, executor)
+def resume(
+    run: Path,
+    progress: bool = True,
+    executor: executors.ExecutorOptions | None = None,
+    changes: dict[str, Any] | None = None,
+) -> Evolution:
+    """The run in ``run``, reconfigured from its ``run.json``; the executor may differ from its start, and
+    ``changes`` (:meth:`EvolutionConfig.resumed`) are stored in ``run.json`` for the resumes after it."""
+    run = Path(run)
+    stored = lineage.read_run(run)
+    config = EvolutionConfig.from_json(stored["config"]).resumed(changes or {})
+    evolution = Evolution(config, run, progress, executor)
+    if config.to_json() != stored["config"]:
+        atomic.write_json(run / lineage.RUN_FILE, {**stored, "config": config.to_json()})
+    return evolution

@@ -4,6 +4,8 @@
     RUN/gen_000/                          the ancestor (a training folder plus masks.npz)
     RUN/gen_NNN/                          the surviving offspring of generation NNN
     RUN/candidates/gen_NNN/aA_cK/         every offspring trained (attempt A, candidate K)
+    RUN/gen_NNN_ftI/                      generation NNN fine-tuned I more iterations (caffe-evo finetune)
+    RUN/candidates/gen_000/a0_c0/         the ancestor's training (kept should measuring it fail)
 
 A generation or candidate folder exists only once complete (it is renamed into place last), so a run
 killed at any point resumes from what exists.
@@ -72,4 +74,40 @@ def table(run: Path) -> str:
             f"{row['clusters']:>8,}  {row['cluster_efficiency']:>8.2f}x  {100 * row['val_accuracy']:>6.2f}%  "
             f"{100 * row['test_accuracy']:>7.2f}%  {row['train_seconds']:>7.1f}"
         )
+    return "\n".join(lines)
+
+
+def finetune_dir(gen_dir: Path, iters: int) -> Path:
+    gen_dir = Path(gen_dir)
+    return gen_dir.with_name(f"{gen_dir.name}_ft{iters}")
+
+
+def finetunes(run: Path) -> list[dict[str, Any]]:
+    """Metrics of every fine-tuned generation of the run, by generation and iterations."""
+    found = [read_json(p) for p in Path(run).glob("gen_*_ft*/" + METRICS_FILE)]
+    return sorted(found, key=lambda m: (m["generation"], m["finetune_iters"]))
+
+
+def _survivor_label(run: Path, generation: int, attempt: int, candidate: int, winner: bool) -> str:
+    if winner:
+        return generation_dir(run, generation).name
+    return str(candidate_dir(run, generation, attempt, candidate).relative_to(run))
+
+
+def family_tree(run: Path) -> str:
+    """Every generation's survivors (fittest first; the first is gen_NNN) and the parents of each."""
+    run = Path(run)
+    lines = []
+    for metrics in generations(run)[1:]:
+        generation = metrics["generation"]
+        selection = metrics["selection"]
+        for rank, (attempt, k) in enumerate(selection.get("survivors", [selection["winner"]])):
+            child = read_json(candidate_dir(run, generation, attempt, k) / METRICS_FILE)
+            label = _survivor_label(run, generation, attempt, k, rank == 0)
+            parents = child.get("parents") or [generation_dir(run, generation - 1).name]
+            metric = selection.get("metric", "val_accuracy")
+            lines.append(
+                f"{label:<28} {child['synapses']:>9,} synapses  {metric} {child[metric]:.4f}  "
+                f"<- {', '.join(parents)}"
+            )
     return "\n".join(lines)

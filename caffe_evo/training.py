@@ -223,7 +223,15 @@ def train(
         restricted: dict[str, Any] = {}
         if options.precision != "fp32":
             unrestricted = test_all(solver, recipe)
-            report = precision.restrict_net(solver.net, options.precision)
+            _snapshot(solver, work, recipe)  # the fp32 network, kept should the restriction fail
+            try:
+                report = precision.restrict_net(solver.net, options.precision)
+            except CaffeEvoError as exc:
+                kept = _keep_trained(work, out, recipe, overrides)
+                raise CaffeEvoError(
+                    f"{exc}; the trained fp32 network is kept in {kept} (train from it with --weights "
+                    f"{kept / WEIGHTS_FILE}, or choose another --precision)"
+                ) from None
             precision.export(solver.net, work / f"weights_{options.precision}.npz", options.precision)
             restricted = {
                 "restriction": report.to_json(),
@@ -235,8 +243,7 @@ def train(
             }
         results = test_all(solver, recipe)
         eval_seconds = time.perf_counter() - eval_started
-        solver.snapshot()
-        _collect_snapshot(work, recipe, solver.iter)
+        _snapshot(solver, work, recipe)
         _relocate_solverstate(work / SOLVERSTATE_FILE, out / WEIGHTS_FILE)
         recipe.write_resolved(work, out, **overrides)
         (work / LOSS_FILE).write_text(
@@ -269,8 +276,27 @@ def train(
     return metrics
 
 
-def _collect_snapshot(work: Path, recipe: Recipe, iteration: int) -> None:
-    """Rename Caffe's ``<prefix>_iter_N`` snapshot files to the run folder's fixed names."""
-    prefix = work / f"{recipe.snapshot_name}_iter_{iteration}"
+def _snapshot(solver: Any, work: Path, recipe: Recipe) -> None:
+    """Caffe's snapshot of the current iteration under the run folder's fixed names.
+
+    Caffe's writers abort the whole process on an I/O error, so the space they need (the weights,
+    the solver's history of the same size, and room to spare) is checked first.
+    """
+    size = sum(blob.data.nbytes for blobs in solver.net.params.values() for blob in blobs)
+    atomic.check_space(work, 3 * size + 2**20)
+    solver.snapshot()
+    prefix = work / f"{recipe.snapshot_name}_iter_{solver.iter}"
     Path(f"{prefix}.caffemodel").rename(work / WEIGHTS_FILE)
     Path(f"{prefix}.solverstate").rename(work / SOLVERSTATE_FILE)
+
+
+def _keep_trained(work: Path, out: Path, recipe: Recipe, overrides: dict[str, Any]) -> Path:
+    """Move the snapshot in ``work`` to ``<out>.fp32-trained`` with its prototxts, so that a failure
+    after training does not throw the training away; returns that folder."""
+    kept = out.with_name(f"{out.name}.fp32-trained")
+    with atomic.atomic_path(kept, directory=True) as folder:
+        for name in (WEIGHTS_FILE, SOLVERSTATE_FILE):
+            os.replace(work / name, folder / name)
+        _relocate_solverstate(folder / SOLVERSTATE_FILE, kept / WEIGHTS_FILE)
+        recipe.write_resolved(folder, kept, **overrides)
+    return kept

@@ -1,7 +1,9 @@
 """CIFAR-10 from the official *binary* release (``cifar-10-batches-bin``) into LMDBs.
 
 The dataset directory holds ``train_lmdb`` (data_batch_1..5 in order, 50,000 records in the official
-set), ``test_lmdb`` (test_batch, 10,000) and ``info.json``. All five training batches are required: a
+set), ``test_lmdb`` (test_batch, 10,000), a held-out split for model selection as for MNIST,
+``train_noval_lmdb`` and ``val_lmdb`` (the last ``val_size`` training records, 5,000 by default), and
+``info.json``. All five training batches are required: a
 missing one almost always means an interrupted download, and training silently on 4/5 of the data
 would make results incomparable with anything else. Records are 3x32x32 uint8 in BGR order, since
 Caffe's colour pipeline (and its own ``convert_cifar_data``-trained models) expect BGR.
@@ -48,6 +50,17 @@ def parse_cifar10_batch(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray]
     return images, labels
 
 
+def held_out(
+    train: tuple[np.ndarray, np.ndarray], val_size: int
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``train_noval`` and ``val``: the last ``val_size`` training records are held out for selection."""
+    images, labels = train
+    if not 0 < val_size < len(labels):
+        raise CaffeEvoError(f"--val-size must be between 1 and {len(labels) - 1}, got {val_size}")
+    cut = len(labels) - val_size
+    return {"train_noval": (images[:cut], labels[:cut]), "val": (images[cut:], labels[cut:])}
+
+
 def read_cifar10_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Read one official batch file: (N, 3, 32, 32) uint8 BGR images and int64 labels 0..9."""
     return parse_cifar10_batch(read_bytes(path), str(path))
@@ -63,7 +76,7 @@ def read_label_names(path: Path, count: int) -> list[str] | None:
     return names
 
 
-def convert_cifar10(source: Path, out_dir: Path) -> dict:
+def convert_cifar10(source: Path, out_dir: Path, val_size: int = 5000) -> dict:
     """Check all six batch files in ``source`` and convert them into the LMDBs under ``out_dir``.
 
     Everything is read and validated before ``out_dir`` is touched; ``batches.meta.txt`` is optional
@@ -88,12 +101,14 @@ def convert_cifar10(source: Path, out_dir: Path) -> dict:
         ),
         "test": batches[TEST_FILE],
     }
+    splits.update(held_out(splits["train"], val_size))
     info = {
         "dataset": "cifar10",
         "source": str(source),
         "source_files": {"train": list(TRAIN_FILES), "test": [TEST_FILE]},
         "sha256": digests,
         "records": {name: len(labels) for name, (_, labels) in splits.items()},
+        "val_size": val_size,
         "shape": list(SHAPE),
         "channel_order": "BGR",
         "label_names": read_label_names(source / META_FILE, NUM_CLASSES),

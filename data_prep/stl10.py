@@ -1,7 +1,8 @@
 """STL-10 from the official binary release (``stl10_binary``) into LMDBs.
 
 The dataset directory holds ``train_lmdb`` (train_X/train_y, 5,000 records in the official set),
-``test_lmdb`` (test_X/test_y, 8,000) and ``info.json``; records are 3x96x96 uint8 in BGR order with
+``test_lmdb`` (test_X/test_y, 8,000), the held-out ``train_noval_lmdb`` and ``val_lmdb`` (the last
+``val_size`` training records, 500 by default) and ``info.json``; records are 3x96x96 uint8 in BGR order with
 labels 0..9. ``unlabeled_X.bin`` (100,000 images without labels) is ignored: Caffe's supervised
 ``Data`` layer has no use for it. ``fold_indices.txt`` is ignored too; ``class_names.txt`` is optional.
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from caffe_evo.errors import CaffeEvoError
-from data_prep.cifar10 import read_label_names, sha256
+from data_prep.cifar10 import held_out, read_label_names, sha256
 from data_prep.idx import read_bytes
 from data_prep.lmdb_io import write_dataset
 
@@ -53,7 +54,7 @@ def read_stl10_split(x_path: Path, y_path: Path) -> tuple[np.ndarray, np.ndarray
     return parse_stl10_split(read_bytes(x_path), read_bytes(y_path), str(x_path), str(y_path))
 
 
-def convert_stl10(source: Path, out_dir: Path) -> dict:
+def convert_stl10(source: Path, out_dir: Path, val_size: int = 500) -> dict:
     """Check the train and test X/y files in ``source`` and convert them into the LMDBs under ``out_dir``.
 
     Everything is read and validated before ``out_dir`` is touched.
@@ -72,12 +73,14 @@ def convert_stl10(source: Path, out_dir: Path) -> dict:
         digests[x_name], digests[y_name] = sha256(x_data), sha256(y_data)
         splits[split] = parse_stl10_split(x_data, y_data, str(source / x_name), str(source / y_name))
         del x_data, y_data  # free the raw bytes (221 MB for test_X) before reading the next split
+    splits.update(held_out(splits["train"], val_size))
     info = {
         "dataset": "stl10",
         "source": str(source),
         "source_files": {split: list(pair) for split, pair in SPLITS.items()},
         "sha256": digests,
         "records": {name: len(labels) for name, (_, labels) in splits.items()},
+        "val_size": val_size,
         "shape": list(SHAPE),
         "channel_order": "BGR",
         "label_names": read_label_names(source / CLASS_NAMES_FILE, NUM_CLASSES),

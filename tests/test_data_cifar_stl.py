@@ -147,17 +147,20 @@ def test_convert_cifar10_round_trip(
 ) -> None:
     (cifar_source / "batches.meta.txt").write_text("\n".join(CIFAR_LABEL_NAMES) + "\n\n")
     out_dir = tmp_path / "datasets" / "cifar10"
-    info = convert_cifar10(cifar_source, out_dir)
+    info = convert_cifar10(cifar_source, out_dir, val_size=3)
 
     want_images = np.stack([to_bgr_chw(im) for im in cifar_pngs[0]])
-    for split in ("train", "test"):
+    for split, part in (("train", slice(0, 20)), ("test", slice(0, 20)), ("train_noval", slice(0, 17))):
         keys, images, labels = read_lmdb(out_dir / f"{split}_lmdb")
-        assert keys == [b"%08d" % i for i in range(20)]
-        np.testing.assert_array_equal(images, want_images)
-        np.testing.assert_array_equal(labels, cifar_pngs[1])
+        assert keys == [b"%08d" % i for i in range(len(labels))]
+        np.testing.assert_array_equal(images, want_images[part])
+        np.testing.assert_array_equal(labels, cifar_pngs[1][part])
+    _, images, labels = read_lmdb(out_dir / "val_lmdb")  # the last 3 training records, held out
+    np.testing.assert_array_equal(images, want_images[17:])
+    np.testing.assert_array_equal(labels, cifar_pngs[1][17:])
 
     assert info == json.loads((out_dir / "info.json").read_text())
-    assert info["records"] == {"train": 20, "test": 20}
+    assert info["records"] == {"train": 20, "test": 20, "train_noval": 17, "val": 3}
     assert info["source_files"] == {"train": list(TRAIN_FILES), "test": [TEST_FILE]}
     assert info["sha256"] == {
         name: hashlib.sha256((cifar_source / name).read_bytes()).hexdigest()
@@ -208,7 +211,7 @@ def test_convert_cifar10_rejects_bad_input(
     name = damage(cifar_source)
     out_dir = tmp_path / "datasets" / "cifar10"
     with pytest.raises(CaffeEvoError) as excinfo:
-        convert_cifar10(cifar_source, out_dir)
+        convert_cifar10(cifar_source, out_dir, val_size=3)
     assert_one_line_error(excinfo, name)
     assert_nothing_written(out_dir)
 
@@ -231,20 +234,27 @@ def test_convert_stl10_round_trip(
 ) -> None:
     (stl_source / "unlabeled_X.bin").write_bytes(b"ignored")
     out_dir = tmp_path / "datasets" / "stl10"
-    info = convert_stl10(stl_source, out_dir)
+    info = convert_stl10(stl_source, out_dir, val_size=2)
 
     big = upscale(cifar_pngs[0])
-    for split, part in (("train", slice(0, 12)), ("test", slice(12, 20))):
+    splits = (
+        ("train", slice(0, 12)),
+        ("test", slice(12, 20)),
+        ("train_noval", slice(0, 10)),
+        ("val", slice(10, 12)),
+    )
+    for split, part in splits:
         keys, images, labels = read_lmdb(out_dir / f"{split}_lmdb")
         assert keys == [b"%08d" % i for i in range(len(labels))]
         np.testing.assert_array_equal(images, np.stack([to_bgr_chw(im) for im in big[part]]))
         np.testing.assert_array_equal(labels, cifar_pngs[1][part])
 
     assert info == json.loads((out_dir / "info.json").read_text())
-    assert info["records"] == {"train": 12, "test": 8}
+    assert info["records"] == {"train": 12, "test": 8, "train_noval": 10, "val": 2}
     assert "unlabeled_X.bin" not in info["sha256"]
     assert info["label_names"] is None
-    assert sorted(p.name for p in out_dir.iterdir()) == ["info.json", "test_lmdb", "train_lmdb"]
+    names = ["info.json", "test_lmdb", "train_lmdb", "train_noval_lmdb", "val_lmdb"]
+    assert sorted(p.name for p in out_dir.iterdir()) == names
 
 
 def _stl_bad_size(source: Path) -> str:
@@ -279,6 +289,15 @@ def test_convert_stl10_rejects_bad_input(
     name = damage(stl_source)
     out_dir = tmp_path / "datasets" / "stl10"
     with pytest.raises(CaffeEvoError) as excinfo:
-        convert_stl10(stl_source, out_dir)
+        convert_stl10(stl_source, out_dir, val_size=2)
     assert_one_line_error(excinfo, name)
+    assert_nothing_written(out_dir)
+
+
+@pytest.mark.parametrize("size", [0, 20])
+def test_validation_split_must_leave_training_data(tmp_path: Path, cifar_source: Path, size: int) -> None:
+    out_dir = tmp_path / "datasets" / "cifar10"
+    with pytest.raises(CaffeEvoError) as excinfo:
+        convert_cifar10(cifar_source, out_dir, val_size=size)
+    assert_one_line_error(excinfo, "--val-size must be between 1 and 19")
     assert_nothing_written(out_dir)

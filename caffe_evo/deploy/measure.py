@@ -29,6 +29,7 @@ from caffe_evo.training import METRICS_FILE, WEIGHTS_FILE
 from caffe_evo.weights import load_net
 
 COMPACT_DIR = "compact"
+STAGING_PREFIX = ".compact-staging-"
 LATENCY_BATCH = 1
 THROUGHPUT_BATCH = 64
 
@@ -172,8 +173,11 @@ def compact_generation(gen_dir: Path, repeats: int = 30) -> dict[str, Any]:
             raise CaffeEvoError(f"{gen_dir}: not a generation folder (no {required})")
     metrics = lineage.read_json(metrics_path)
     masks = masking.load(gen_dir / lineage.MASKS_FILE)
-    # Measured in a staging folder, so that a failure leaves the generation as it was.
-    staging = Path(tempfile.mkdtemp(prefix=".compact-staging-", dir=gen_dir))
+    # Measured in a staging folder, so that a failure leaves the generation as it was; a killed run's
+    # staging folders are removed first.
+    for leftover in gen_dir.glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=gen_dir))
     try:
         for name in (DEPLOY_FILE, WEIGHTS_FILE):
             os.link(gen_dir / name, staging / name)
