@@ -70,6 +70,22 @@ def check(gen_dir: Path, folder: Path) -> dict[str, Any]:
     }
 
 
+def call_overhead_ms(shape: tuple[int, ...], repeats: int) -> float:
+    """Batch-1 latency of an ONNX model that only copies its input: ONNX Runtime's fixed cost per call."""
+    import onnx
+    from onnx import helper
+
+    dims = ["batch", *shape[1:]]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "identity",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, dims)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    return runtime.ort_latency(runtime.ort_session(model, 1), 1, repeats, warmup=20)["median_ms"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
@@ -156,10 +172,14 @@ def main() -> None:
             f"{last['network']} over the ancestor, batch 1, {name}: {speedup:.2f}x, "
             f"{speedup / reduction:.2f} of the {reduction:.2f}x MAC reduction"
         )
+    shape = tuple(loaded[0][3].blobs[loaded[0][3].inputs[0]].data.shape)
+    overhead = call_overhead_ms(shape, args.repeats)
+    print(f"ONNX Runtime's fixed cost per call (an Identity model of the input, batch 1): {overhead:.3f} ms")
     faster = all(row["ort_1t_ms_batch1"] < row["pycaffe_ms_batch1"] for row in rows)
     print(f"ONNX Runtime (1 thread) faster than pycaffe at batch 1 on every network: {faster}")
     if args.out:
-        atomic.write_json(args.out, {"run": str(args.run), "cores": runtime.all_cores(), "rows": rows})
+        summary = {"run": str(args.run), "cores": runtime.all_cores(), "ort_call_overhead_ms": overhead}
+        atomic.write_json(args.out, {**summary, "rows": rows})
 
 
 if __name__ == "__main__":
