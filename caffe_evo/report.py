@@ -16,6 +16,7 @@ from caffe_evo import atomic, lineage
 from caffe_evo.errors import CaffeEvoError
 
 REPORT_DIR = "report"
+_SPLITS = (("val", ""), ("test", ""), ("test", "_fp32"))
 
 # Published figures of the seed papers (METHOD.md), printed beside ours; never claimed as reproduced
 # unless the same network and data were run.
@@ -45,11 +46,11 @@ COLUMNS = [
     ("clusters", "clusters"),
     ("synaptic_efficiency", "synaptic_efficiency"),
     ("cluster_efficiency", "cluster_efficiency"),
-    ("val_accuracy", "val_accuracy"),
-    ("test_accuracy", "test_accuracy"),
-    ("test_accuracy_fp32", "test_accuracy_fp32"),
     ("train_seconds", "train_seconds"),
 ]
+# The quality measures of a task, each with val_, test_ and (restricted runs) test_..._fp32 columns; the
+# last one is the headline. A detector's metrics.json has val_mAP (caffe_evo.detection.task).
+QUALITY = {"classification": ("accuracy",), "detection": ("precision", "recall", "mAP")}
 COST_COLUMNS = [
     ("macs_full", ("full", "macs")),
     ("macs_compact", ("compact", "macs")),
@@ -69,11 +70,18 @@ COST_COLUMNS = [
 ]
 
 
+def measures(history: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The quality measures of a lineage's task, from its generations' metrics or report rows."""
+    return QUALITY["detection" if "val_mAP" in history[0] else "classification"]
+
+
 def rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One flat row per generation; cost columns are empty where a generation was not measured."""
     table = []
+    quality = [f"{split}_{m}{end}" for m in measures(history) for split, end in _SPLITS]
     for metrics in history:
         row = {name: metrics.get(key, "") for name, key in COLUMNS}
+        row.update({key: metrics.get(key, "") for key in quality})
         cost = metrics.get("cost") or {}
         for name, (net, key) in COST_COLUMNS:
             row[name] = cost.get(net, {}).get(key, "")
@@ -112,6 +120,26 @@ def plot(table: list[dict[str, Any]], folder: Path) -> list[str]:
         return name
 
     gens = [row["generation"] for row in table]
+    if "val_mAP" in table[0]:  # the precision paper's figure 3: precision and recall per generation
+        quality = figure(
+            "precision_recall.png",
+            "%",
+            "Test precision, recall and mAP per generation",
+            [(gens, [100 * row[f"test_{m}"] for row in table], "o-", m) for m in QUALITY["detection"]]
+            + [(gens, [100 * row["val_mAP"] for row in table], "s--", "validation mAP")],
+            log=False,
+        )
+    else:
+        quality = figure(
+            "accuracy.png",
+            "accuracy (%)",
+            "Accuracy per generation",
+            [
+                (gens, [100 * row["test_accuracy"] for row in table], "o-", "test"),
+                (gens, [100 * row["val_accuracy"] for row in table], "s--", "validation"),
+            ],
+            log=False,
+        )
     names = [
         figure(
             "architecture.png",
@@ -123,16 +151,7 @@ def plot(table: list[dict[str, Any]], folder: Path) -> list[str]:
             ],
             log=True,
         ),
-        figure(
-            "accuracy.png",
-            "accuracy (%)",
-            "Accuracy per generation",
-            [
-                (gens, [100 * row["test_accuracy"] for row in table], "o-", "test"),
-                (gens, [100 * row["val_accuracy"] for row in table], "s--", "validation"),
-            ],
-            log=False,
-        ),
+        quality,
     ]
     measured = [row for row in table if row["fps_batch1_compact"] != ""]
     if measured:
@@ -163,7 +182,8 @@ def plot(table: list[dict[str, Any]], folder: Path) -> list[str]:
 def markdown(run: Path, table: list[dict[str, Any]], plots: list[str]) -> str:
     config = lineage.read_run(run)["config"]
     first, last = table[0], table[-1]
-    drop = 100 * (first["test_accuracy"] - last["test_accuracy"])
+    headline = measures(table)[-1]
+    drop = 100 * (first[f"test_{headline}"] - last[f"test_{headline}"])
     encoding = config.get("encoding", {})
     lines = [
         f"# Lineage report: {run.name}",
@@ -175,9 +195,9 @@ def markdown(run: Path, table: list[dict[str, Any]], plots: list[str]) -> str:
         f"precision {config.get('precision', 'fp32')}, stress {config.get('stress_level', 'off')}.",
         "",
         f"Generation {last['generation']}: **{last['synaptic_efficiency']:.2f}x** synaptic efficiency, "
-        f"**{last['cluster_efficiency']:.2f}x** cluster efficiency, test accuracy "
-        f"{100 * last['test_accuracy']:.2f}% ({-drop:+.2f} points against the ancestor's "
-        f"{100 * first['test_accuracy']:.2f}%).",
+        f"**{last['cluster_efficiency']:.2f}x** cluster efficiency, test {headline} "
+        f"{100 * last[f'test_{headline}']:.2f}% ({-drop:+.2f} points against the ancestor's "
+        f"{100 * first[f'test_{headline}']:.2f}%).",
     ]
     if last["fps_batch1_compact"] != "" and first["fps_batch1_full"] != "":
         lines.append(
@@ -194,6 +214,16 @@ def markdown(run: Path, table: list[dict[str, Any]], plots: list[str]) -> str:
             f"batch-64 throughput {batch:.2f}x the ancestor's."
         )
     lines += ["", "## Generations", "", _markdown_table(table), ""]
+    tree = lineage.family_tree(run)
+    if tree:
+        note = "Each generation's survivors, fittest first (the first is its gen_NNN), and their parents."
+        lines += ["## Family tree", "", note, "", "```", tree, "```", ""]
+    tuned = lineage.finetunes(run)
+    if tuned:
+        rows_tuned = rows(tuned)
+        for row, metrics in zip(rows_tuned, tuned, strict=True):
+            row["generation"] = f"{row['generation']} +{metrics['finetune_iters']:,} it"
+        lines += ["## Fine-tuned generations (`caffe-evo finetune`)", "", _markdown_table(rows_tuned), ""]
     lines += [
         "## Published figures of the seed papers (not reproduced here unless the same net and data)",
         "",
@@ -205,10 +235,12 @@ def markdown(run: Path, table: list[dict[str, Any]], plots: list[str]) -> str:
 
 
 def _markdown_table(table: list[dict[str, Any]]) -> str:
+    quality = [(split, m) for m in measures(table) for split in ("val", "test")]
     out = [
-        "| gen | synapses | syn. eff. | clusters | clu. eff. | val acc | test acc "
-        "| MACs (compact) | fps b1 (compact) | ONNX Runtime fps b1 (compact, 1 thread) |",
-        "|" + "---|" * 10,
+        "| gen | synapses | syn. eff. | clusters | clu. eff. | "
+        + "".join(f"{split} {m} | " for split, m in quality)
+        + "MACs (compact) | fps b1 (compact) | ONNX Runtime fps b1 (compact, 1 thread) |",
+        "|" + "---|" * (8 + len(quality)),
     ]
     for row in table:
         macs = f"{row['macs_compact']:,}" if row["macs_compact"] != "" else ""
@@ -216,8 +248,9 @@ def _markdown_table(table: list[dict[str, Any]]) -> str:
         ort = f"{row['ort_1t_fps_batch1_compact']:,.0f}" if row["ort_1t_fps_batch1_compact"] != "" else ""
         out.append(
             f"| {row['generation']} | {row['synapses']:,} | {row['synaptic_efficiency']:.2f}x | "
-            f"{row['clusters']:,} | {row['cluster_efficiency']:.2f}x | {100 * row['val_accuracy']:.2f}% | "
-            f"{100 * row['test_accuracy']:.2f}% | {macs} | {fps} | {ort} |"
+            f"{row['clusters']:,} | {row['cluster_efficiency']:.2f}x | "
+            + "".join(f"{100 * row[f'{split}_{m}']:.2f}% | " for split, m in quality)
+            + f"{macs} | {fps} | {ort} |"
         )
     return "\n".join(out)
 

@@ -13,11 +13,13 @@ import pytest
 
 from caffe_evo import dependency, masking
 from caffe_evo.caffe_env import caffe_pb2, load_caffe
+from caffe_evo.compare import write_comparison
 from caffe_evo.deploy import onnx_export
 from caffe_evo.deploy.compaction import compact
 from caffe_evo.evolution import EvolutionConfig, start
 from caffe_evo.lineage import read_json
 from caffe_evo.recipe import Recipe, parse_prototxt
+from caffe_evo.report import write_report
 from caffe_evo.training import TrainOptions, train
 from data_prep.digit_scenes import convert_digit_scenes
 from tests.conftest import RECIPES
@@ -78,6 +80,12 @@ def test_two_generation_detection_lineage_shrinks(ancestor: Path, scenes: Path, 
     for head in ("cvg/classifier", "bbox/regressor"):  # both output heads keep every output
         assert masks[head].reshape(len(masks[head]), -1).any(axis=1).all()
     assert not masks["conv2"].reshape(32, -1).any(axis=1).all()  # while the trunk loses whole kernels
+    report = write_report(tmp_path / "run")
+    header = (report / "lineage.csv").read_text().splitlines()[0].split(",")
+    assert {"val_mAP", "test_precision", "test_recall", "test_mAP"} <= set(header)
+    assert "test mAP" in (report / "report.md").read_text() and (report / "precision_recall.png").is_file()
+    compared = write_comparison([tmp_path / "run"], tmp_path / "compare")
+    assert "test mAP" in (compared / "compare.md").read_text()
 
 
 @pytest.mark.parametrize("recipe", [MINI, FULL], ids=["mini", "full"])
