@@ -255,6 +255,24 @@ def _cmd_lineage(args: argparse.Namespace) -> None:
 
     lineage.read_run(args.run)
     print(lineage.table(args.run))
+    tree = lineage.family_tree(args.run)
+    if tree:
+        print(f"\nfamily tree (each generation's survivors, fittest first; <- their parents)\n{tree}")
+
+
+def _cmd_finetune(args: argparse.Namespace) -> None:
+    from caffe_evo.finetune import finetune
+    from caffe_evo.lineage import finetune_dir
+
+    m = finetune(args.generation, args.iters, args.out, args.seed, progress=not args.no_progress)
+    scores = ", ".join(
+        f"{k} {v:.4f}" for k, v in m.items() if k.startswith(("val_", "test_")) and isinstance(v, float)
+    )
+    out = args.out or finetune_dir(args.generation, args.iters)
+    print(
+        f"fine-tuned {args.generation} {args.iters} iterations: {m['synapses']:,} synapses "
+        f"({m['synaptic_efficiency']:.2f}x); {scores}; wrote {out}"
+    )
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> None:
@@ -425,9 +443,17 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", type=Path, required=True, help="new folder for compare.md/.csv/.png")
     compare.set_defaults(func=_cmd_compare)
 
-    show = sub.add_parser("lineage", help="print a run's generation table")
+    show = sub.add_parser("lineage", help="print a run's generation table and family tree")
     show.add_argument("run", type=Path)
     show.set_defaults(func=_cmd_lineage)
+
+    tune = sub.add_parser("finetune", help="train a generation longer with its mask kept (a sibling folder)")
+    tune.add_argument("generation", type=Path, help="a generation folder, e.g. runs/evo/gen_013")
+    tune.add_argument("--iters", type=int, required=True, help="training iterations")
+    tune.add_argument("--out", type=Path, help="new folder (default: RUN/gen_NNN_ftITERS)")
+    tune.add_argument("--seed", type=int, help="Caffe's seed (default: the run's)")
+    tune.add_argument("--no-progress", action="store_true")
+    tune.set_defaults(func=_cmd_finetune)
 
     repro = sub.add_parser(
         "reproduce",

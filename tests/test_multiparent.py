@@ -1,0 +1,177 @@
+"""Multi-parent synthesis (m parents mate), efficiency-aware fitness, and the family tree, on hand-checked
+masks and on a real 2-generation LeNet-5/MNIST run with 2 parents."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from caffe_evo import lineage, masking
+from caffe_evo.encoding import EncodingConfig, LayerDNA, encode
+from caffe_evo.errors import CaffeEvoError
+from caffe_evo.evolution import EvolutionConfig, Parent, start
+from caffe_evo.executors import ExecutorOptions
+from caffe_evo.selection import Fitness
+from caffe_evo.synthesis import Environment, Factor, combine_parents, sample_offspring
+
+T, F = True, False
+
+
+def _two_parents() -> tuple[list[dict[str, LayerDNA]], list[dict[str, np.ndarray]]]:
+    masks = [{"ip": np.array([[T, T], [F, F]])}, {"ip": np.array([[T, F], [T, F]])}]
+    dnas = [
+        {"ip": LayerDNA(np.array([[1.0, 0.5], [0.0, 0.0]]), np.array([1.0, 0.0]))},
+        {"ip": LayerDNA(np.array([[0.5, 0.0], [0.2, 0.0]]), np.array([0.6, 0.4]))},
+    ]
+    return dnas, masks
+
+
+@pytest.mark.parametrize(
+    ("rule", "synapse", "cluster"),
+    [
+        ("mean", [[0.75, 0.25], [0.1, 0.0]], [0.8, 0.2]),
+        ("max", [[1.0, 0.5], [0.2, 0.0]], [1.0, 0.4]),
+        ("min", [[0.5, 0.0], [0.0, 0.0]], [0.6, 0.0]),
+    ],
+)
+def test_mating_rules_on_hand_checked_encodings(rule: str, synapse: list, cluster: list) -> None:
+    dnas, masks = _two_parents()
+    dna, union = combine_parents(dnas, masks, rule)
+    np.testing.assert_allclose(dna["ip"].synapse, synapse)
+    np.testing.assert_allclose(dna["ip"].cluster, cluster)
+    # heredity: what lives in either parent may live on, what is dead in both stays dead
+    assert union["ip"].tolist() == [[T, T], [T, F]]
+
+
+def test_mating_refuses_bad_input() -> None:
+    dnas, masks = _two_parents()
+    with pytest.raises(CaffeEvoError, match="unknown --mating rule 'sum'"):
+        combine_parents(dnas, masks, "sum")
+    other = [masks[0], {"ip": np.ones((3, 2), bool)}]
+    with pytest.raises(CaffeEvoError, match="layer 'ip': parents of different shapes"):
+        combine_parents(dnas, other, "mean")
+
+
+def test_mate_takes_each_living_parameter_from_the_fittest_parent_that_has_it() -> None:
+    _, masks = _two_parents()
+    fittest = Parent(
+        1, Path("a"), {"ip": [np.array([[1.0, 2.0], [0.0, 0.0]]), np.array([5.0, 0.0])]}, masks[0], ["a"]
+    )
+    second = Parent(
+        1, Path("b"), {"ip": [np.array([[9.0, 0.0], [3.0, 0.0]]), np.array([7.0, 8.0])]}, masks[1], ["b"]
+    )
+    mated = Parent.mate([fittest, second])
+    assert mated.params["ip"][0].tolist() == [[1.0, 2.0], [3.0, 0.0]]
+    assert mated.params["ip"][1].tolist() == [5.0, 8.0]  # neuron 1 lives only in the second parent
+    assert mated.masks["ip"].tolist() == [[T, T], [T, F]]
+    assert mated.sources == ["a", "b"] and mated.folder == Path("a")
+    assert fittest.masks["ip"].tolist() == [[T, T], [F, F]]  # the parents are not changed
+
+
+def test_heredity_with_two_parents() -> None:
+    rng = np.random.default_rng(4)
+    weights = {"conv": rng.normal(size=(6, 3, 3, 3)), "ip": rng.normal(size=(10, 24))}
+    parents = [{name: rng.random(w.shape) < 0.6 for name, w in weights.items()} for _ in range(2)]
+    config = EncodingConfig()
+    dnas = [encode(weights, masks, config, frozenset({"ip"})) for masks in parents]
+    dna, union = combine_parents(dnas, parents, "mean")
+    env = Environment(Factor((0.8,)), Factor((0.9,)))
+    only_second = 0
+    for seed in range(20):
+        child = sample_offspring(dna, union, env, 1, np.random.default_rng(seed), frozenset({"ip"}))
+        for name in weights:
+            assert not np.any(child[name] & ~parents[0][name] & ~parents[1][name])
+            only_second += int(np.count_nonzero(child[name] & ~parents[0][name]))
+    assert only_second > 0  # the second parent's synapses do reach the offspring
+
+
+def test_fitness_metric_floor_and_efficiency_penalty() -> None:
+    big = {"val_accuracy": 0.990, "synapses": 1000, "attempt": 0, "candidate": 0}
+    small = {"val_accuracy": 0.985, "synapses": 500, "attempt": 0, "candidate": 1}
+    assert Fitness().rank([big, small], 0.9) == [big, small]
+    # 0.01 per doubling: halving the synapses outweighs 0.005 of accuracy
+    assert Fitness(penalty=0.01).rank([big, small], 0.9) == [small, big]
+    assert Fitness(penalty=0.01).rank([big, small], 0.988) == [big]  # the floor is on the metric itself
+    tie = {**big, "candidate": 2, "synapses": 900}
+    assert Fitness().rank([big, tie], 0.9) == [tie, big]  # equal accuracy: fewer synapses
+    detector = {"val_mAP": 0.5, "synapses": 10, "attempt": 0, "candidate": 0}
+    assert Fitness("val_mAP").rank([detector], 0.4) == [detector]
+    with pytest.raises(CaffeEvoError, match="fitness metric 'val_mAP' is not in the metrics"):
+        Fitness("val_mAP").rank([big], 0.0)
+    with pytest.raises(CaffeEvoError, match="--fitness-penalty must be a non-negative number"):
+        Fitness(penalty=-1.0)
+
+
+@pytest.fixture(scope="module")
+def two_parent_run(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Path:
+    lenet5 = Path(__file__).resolve().parent.parent / "prototxt" / "lenet5"
+    recipe = tmp_path_factory.mktemp("recipes") / "lenet5-tiny"
+    shutil.copytree(lenet5, recipe)
+    solver = (recipe / "solver.prototxt").read_text()
+    (recipe / "solver.prototxt").write_text(
+        solver.replace("test_iter: 50", "test_iter: 5").replace("test_iter: 100", "test_iter: 5")
+    )
+    config = EvolutionConfig(
+        recipe=str(recipe),
+        data_root=str(data_root),
+        generations=2,
+        population=2,
+        parents=2,
+        seed=2,
+        ancestor_iters=60,
+        iters_per_generation=20,
+        max_accuracy_drop=1.0,
+        measure=False,
+    )
+    run = tmp_path_factory.mktemp("mp") / "run"
+    start(config, run, progress=False, executor=ExecutorOptions(workers=2)).run()
+    return run
+
+
+def test_two_parents_lineage(two_parent_run: Path) -> None:
+    run = two_parent_run
+    first = lineage.read_json(run / "gen_001" / "metrics.json")
+    survivors = first["selection"]["survivors"]
+    assert len(survivors) == 2 and survivors[0] == first["selection"]["winner"]
+    second_parent = f"candidates/gen_001/a{survivors[1][0]}_c{survivors[1][1]}"
+    union = {}
+    for folder in ("gen_001", second_parent):
+        for name, mask in masking.load(run / folder / "masks.npz").items():
+            union[name] = union.get(name, np.zeros_like(mask)) | mask
+    for k in range(2):
+        child = run / "candidates" / "gen_002" / f"a0_c{k}"
+        assert lineage.read_json(child / "metrics.json")["parents"] == ["gen_001", second_parent]
+        for name, mask in masking.load(child / "masks.npz").items():
+            assert not np.any(mask & ~union[name])  # dead in both parents: dead in the offspring
+    for k in range(2):  # generation 1 has one parent, the ancestor
+        child = run / "candidates" / "gen_001" / f"a0_c{k}" / "metrics.json"
+        assert lineage.read_json(child)["parents"] == ["gen_000"]
+    tree = lineage.family_tree(run).splitlines()
+    assert len(tree) == 4 and tree[0].startswith("gen_001 ") and tree[1].startswith(second_parent)
+    assert tree[2].startswith("gen_002 ") and tree[2].endswith(f"<- gen_001, {second_parent}")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "caffe_evo.cli", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_cli_family_tree_and_bad_parents(two_parent_run: Path, tmp_path: Path) -> None:
+    shown = _cli("lineage", str(two_parent_run))
+    assert shown.returncode == 0, shown.stderr
+    assert "family tree" in shown.stdout and "<- gen_001, candidates/gen_001/" in shown.stdout
+    recipe = two_parent_run / "gen_000"  # any folder: the option is refused before the recipe is read
+    bad = _cli(
+        "evolve", "--recipe", str(recipe), "--out", str(tmp_path / "r"), "--population", "2", "--parents", "3"
+    )
+    assert (
+        bad.returncode == 2
+        and bad.stderr == "caffe-evo: --parents must be between 1 and the population (2), got 3\n"
+    )
+    assert not (tmp_path / "r").exists()
