@@ -51,7 +51,6 @@ def _write_split(tmp: Path, split: str, items: Iterable[tuple[np.ndarray, np.nda
     from caffe_evo.caffe_env import caffe_pb2
 
     pb2 = caffe_pb2()
-    image_bytes = 3 * params.image_width * params.image_height
     envs = {}
     counts = {"images": 0, "boxes": 0}
     try:
@@ -66,7 +65,6 @@ def _write_split(tmp: Path, split: str, items: Iterable[tuple[np.ndarray, np.nda
             key = b"%08d" % counts["images"]
             datum = pb2.Datum(channels=3, height=params.image_height, width=params.image_width)
             datum.data = np.ascontiguousarray(image.transpose(2, 0, 1)).tobytes()
-            assert len(datum.data) == image_bytes
             txns["images"].put(key, datum.SerializeToString())
             label = label_maps(boxes, params)
             datum = pb2.Datum(channels=label.shape[0], height=label.shape[1], width=label.shape[2])

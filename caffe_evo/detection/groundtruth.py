@@ -11,7 +11,7 @@ records in lockstep with the images. Per box (x1, y1, x2, y2 in pixels):
   as targets, the box corners relative to the cell's top-left corner, ``1/w`` and ``1/h`` of the box
   (the network's bbox loss is normalised by object size) and ``obj_norm`` = cell area / region area
   (so that a large object does not outweigh a small one); a later box overwrites an earlier one;
-- ``crop_bboxes`` (NVIDIA's training setting) clips boxes to the image first.
+- NVIDIA's ``crop_bboxes`` (clip boxes to the image) is moot: the readers refuse a box outside its image.
 
 The 8 channels are in NVIDIA's order, so the recipes' Slice/Concat/Eltwise label layers are DetectNet's:
 foreground, x1, y1, x2, y2, 1/w, 1/h, obj_norm; then one coverage channel (one class).
@@ -40,7 +40,6 @@ class GroundTruthParams:
     scale_cvg: float = 0.4
     min_cvg_len: float = 20.0
     obj_norm: bool = True
-    crop_bboxes: bool = False
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -67,8 +66,6 @@ def label_maps(boxes: np.ndarray, params: GroundTruthParams) -> np.ndarray:
     label = np.zeros((LABEL_CHANNELS, rows, cols), np.float32)
     s = params.stride
     for box in np.asarray(boxes, np.float64).reshape(-1, 4):
-        if params.crop_bboxes:
-            box = np.clip(box, 0, [params.image_width, params.image_height] * 2)
         x1, y1, x2, y2 = box
         if (x2 - x1) * (y2 - y1) < _EPS:
             continue  # not in the scene at all

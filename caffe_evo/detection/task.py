@@ -24,7 +24,6 @@ from caffe_evo.detection.metrics import score
 from caffe_evo.errors import CaffeEvoError
 
 TASK_FILE = "detection.yaml"
-FITNESS = "val_mAP"
 
 
 @dataclass(frozen=True)
