@@ -129,8 +129,9 @@ class LocalExecutor:
                     deaths[index] += 1
                     waiting.insert(0, index)
             if broken:
-                # The pool is unusable and its workers are terminated: every task still in flight
-                # lost its worker too and runs again, in a fresh pool.
+                # The pool is unusable and terminates its workers: every task still in flight lost
+                # its worker too and runs again, in a fresh pool started only once shutdown(wait=True)
+                # has seen the old workers exit, so no retry shares a candidate with a live writer.
                 for index in running.values():
                     deaths[index] += 1
                     waiting.insert(0, index)
