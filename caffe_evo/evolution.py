@@ -57,9 +57,10 @@ class EvolutionConfig:
     Defaults: the cluster-driven encoding with the reading exp(|w|/Z - 1), Z = the layer's max |w|, the
     survival-rate environment met per layer (synapse 0.9, cluster 0.78), inherited weights fine-tuned with
     a learning rate falling linearly to 0, the dependency step, and a population of 2 offspring trained
-    2,000 iterations each per generation: of the settings measured on LeNet-5/MNIST over 13 generations
-    (``bench/RESULTS.md``), the one that met every target, there with factors of their own for the small
-    convolutions (``prototxt/lenet5/evolution.yaml``). The literal multiplier collapsed the network on
+    2,000 iterations each per generation: settings measured on LeNet-5/MNIST over 13 generations
+    (``bench/RESULTS.md`` section 2, where the small convolutions get factors of their own,
+    ``prototxt/lenet5/evolution.yaml``, chosen on validation accuracy). Some of these were chosen on test
+    accuracy before issue 11 and are marked so there. The literal multiplier collapsed the network on
     this project's machines (METHOD.md), and re-initialised offspring lost to inherited ones.
     """
 
@@ -439,6 +440,8 @@ class Evolution:
     def _cost(self, folder: Path, masks: dict[str, np.ndarray]) -> dict[str, Any]:
         if not self.config.measure:
             return {}
+        # Compaction writes through Caffe's Net.save, which aborts the process on an I/O error.
+        atomic.check_space(folder, 4 * (folder / WEIGHTS_FILE).stat().st_size + 2**20)
         try:
             return {"cost": measure(folder, masks, precision=self.config.precision)}
         except CaffeEvoError as exc:
