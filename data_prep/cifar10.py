@@ -50,9 +50,7 @@ def parse_cifar10_batch(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray]
     return images, labels
 
 
-def held_out(
-    train: tuple[np.ndarray, np.ndarray], val_size: int
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def held_out(train: tuple[np.ndarray, np.ndarray], val_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``train_noval`` and ``val``: the last ``val_size`` training records are held out for selection."""
     images, labels = train
     if not 0 < val_size < len(labels):
