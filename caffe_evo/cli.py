@@ -188,10 +188,12 @@ def _cmd_evolve(args: argparse.Namespace) -> None:
         evo = evolution.start(config, run, progress=not args.no_progress, executor=_executor(args))
 
     def report(m: dict) -> None:
+        measure = lineage.headline(m)
+        label = "" if measure == "accuracy" else f"{measure} "
         tqdm.write(
             f"gen {m['generation']:>2}: {m['synapses']:,} synapses ({m['synaptic_efficiency']:.2f}x), "
             f"{m['clusters']:,} clusters ({m['cluster_efficiency']:.2f}x), "
-            f"val {100 * m['val_accuracy']:.2f}%, test {100 * m['test_accuracy']:.2f}%, "
+            f"val {label}{100 * m[f'val_{measure}']:.2f}%, test {label}{100 * m[f'test_{measure}']:.2f}%, "
             f"{m['train_seconds']:.1f} s"
         )
 

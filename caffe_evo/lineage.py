@@ -58,21 +58,29 @@ def generations(run: Path) -> list[dict[str, Any]]:
     return found
 
 
+def headline(metrics: dict[str, Any]) -> str:
+    """A generation's headline quality measure: a detector's mAP (caffe_evo.detection.task), else accuracy."""
+    return "mAP" if "val_mAP" in metrics else "accuracy"
+
+
 def table(run: Path) -> str:
     """The generation table as the papers report it (efficiencies relative to the ancestor)."""
     rows = generations(run)
     if not rows:
         raise CaffeEvoError(f"{run}: no completed generation")
+    measure = headline(rows[0])
+    short = {"accuracy": "acc"}.get(measure, measure)
     header = (
         f"{'gen':>3}  {'synapses':>9}  {'syn. eff.':>9}  {'clusters':>8}  {'clu. eff.':>9}  "
-        f"{'val acc':>7}  {'test acc':>8}  {'train s':>7}"
+        f"{'val ' + short:>7}  {'test ' + short:>8}  {'train s':>7}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
         lines.append(
             f"{row['generation']:>3}  {row['synapses']:>9,}  {row['synaptic_efficiency']:>8.2f}x  "
-            f"{row['clusters']:>8,}  {row['cluster_efficiency']:>8.2f}x  {100 * row['val_accuracy']:>6.2f}%  "
-            f"{100 * row['test_accuracy']:>7.2f}%  {row['train_seconds']:>7.1f}"
+            f"{row['clusters']:>8,}  {row['cluster_efficiency']:>8.2f}x  "
+            f"{100 * row[f'val_{measure}']:>6.2f}%  {100 * row[f'test_{measure}']:>7.2f}%  "
+            f"{row['train_seconds']:>7.1f}"
         )
     return "\n".join(lines)
 
