@@ -190,14 +190,14 @@ class _Converter:
         self.producer[output] = node
         return output
 
-    def chain(self, steps: list[tuple[str, list[str], dict]], first: str, out: str, layer: Any) -> None:
-        """Nodes applied one after another to ``first``, the last one writing ``out``."""
+    def chain(self, steps: list[tuple[str, str]], first: str, out: str, layer: Any) -> None:
+        """Nodes ``(op, constant)`` applied one after another to ``first``, the last writing ``out``."""
         if not steps:
             self.node("Identity", [first], out, layer)
             return
         value = first
-        for i, (op, extra, attrs) in enumerate(steps):
-            value = self.node(op, [value, *extra], out if i == len(steps) - 1 else None, layer, **attrs)
+        for i, (op, constant) in enumerate(steps):
+            value = self.node(op, [value, constant], out if i == len(steps) - 1 else None, layer)
 
     def shape(self, blob: str) -> tuple[int, ...]:
         return tuple(self.net.blobs[blob].data.shape)
@@ -417,13 +417,9 @@ class _Converter:
             return
         steps = []
         if gamma is not None:
-            steps.append(
-                ("Mul", [self.const(f"{layer.name}_gamma", self._channel_shape(layer, gamma), layer)], {})
-            )
+            steps.append(("Mul", self.const(f"{layer.name}_gamma", self._channel_shape(layer, gamma), layer)))
         if beta is not None:
-            steps.append(
-                ("Add", [self.const(f"{layer.name}_beta", self._channel_shape(layer, beta), layer)], {})
-            )
+            steps.append(("Add", self.const(f"{layer.name}_beta", self._channel_shape(layer, beta), layer)))
         self.chain(steps, source, tops[0], layer)
 
     def _scale_axes(self, layer: Any, param: Any, bottoms: list[str]) -> None:
@@ -558,11 +554,11 @@ class _Converter:
         param = layer.power_param  # (shift + scale * x) ^ power
         steps = []
         if param.scale != 1:
-            steps.append(("Mul", [self.const(f"{layer.name}_scale", param.scale, layer)], {}))
+            steps.append(("Mul", self.const(f"{layer.name}_scale", param.scale, layer)))
         if param.shift != 0:
-            steps.append(("Add", [self.const(f"{layer.name}_shift", param.shift, layer)], {}))
+            steps.append(("Add", self.const(f"{layer.name}_shift", param.shift, layer)))
         if param.power != 1:
-            steps.append(("Pow", [self.const(f"{layer.name}_power", param.power, layer)], {}))
+            steps.append(("Pow", self.const(f"{layer.name}_power", param.power, layer)))
         self.chain(steps, bottoms[0], tops[0], layer)
 
     def _sigmoid(self, layer: Any, bottoms: list[str], tops: list[str]) -> None:
