@@ -375,3 +375,8 @@ def test_cost_times_onnx_runtime_and_survives_a_net_onnx_cannot_express(tmp_path
             assert cost["ort_threads_all"] == runtime.all_cores()
         else:
             assert "a last window wholly outside the input" in cost["ort_unavailable"]
+
+
+def test_a_missing_runtime_package_is_one_line() -> None:
+    with pytest.raises(CaffeEvoError, match="the no_such_runtime package is missing; `bash scripts/setup.sh`"):
+        runtime.require("no_such_runtime")

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from caffe_evo.deploy.runtime import require
 from caffe_evo.errors import CaffeEvoError
 
 DEFAULT_OPSET = 13  # parsed by TensorRT 8.x (JetPack 4.6) as well as by TensorRT 10/11
@@ -45,8 +46,7 @@ class ExportOptions:
     io_precision: str = "fp32"  # inputs and outputs (fp16 only for an fp16 model)
 
     def check(self) -> None:
-        import onnx
-
+        onnx = require("onnx")
         newest = onnx.defs.onnx_opset_version()
         if not MIN_OPSET <= self.opset <= newest:
             raise CaffeEvoError(f"--opset {self.opset}: choose from {MIN_OPSET} to {newest}")
@@ -100,9 +100,7 @@ def average_divisor_map(
 
 class _Converter:
     def __init__(self, proto: Any, net: Any, options: ExportOptions) -> None:
-        import onnx
-
-        self.onnx = onnx
+        self.onnx = require("onnx")
         self.proto, self.net, self.options = proto, net, options
         self.dtype = np.float16 if options.precision == "fp16" else np.float32
         self.nodes: list[Any] = []

@@ -7,10 +7,12 @@ may use) and one inter-op thread, with all graph optimisations on.
 
 from __future__ import annotations
 
+import importlib
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -20,14 +22,23 @@ from caffe_evo.errors import CaffeEvoError
 RUNTIMES = ("pycaffe", "onnxruntime")
 
 
+def require(module: str) -> ModuleType:
+    """``onnx`` or ``onnxruntime``, or one line saying how to get it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise CaffeEvoError(
+            f"the {module} package is missing; `bash scripts/setup.sh` installs it (see requirements.txt)"
+        ) from None
+
+
 def all_cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
 def ort_session(model: Any, threads: int = 1) -> Any:
     """An ONNX Runtime CPU session of ``model`` (a ModelProto or its bytes), ``threads`` intra-op threads."""
-    import onnxruntime as ort
-
+    ort = require("onnxruntime")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -131,8 +142,7 @@ def bench_file(path: Path, batch: int, repeats: int, threads: int = 1) -> dict[s
         return {"runtime": f"tensorrt {trt.__version__}", **tensorrt.time_engine(trt, path, batch, repeats)}
     if path.suffix != ".onnx":
         raise CaffeEvoError(f"{path}: expected a TensorRT .engine or an .onnx model")
-    import onnx
-
+    onnx = require("onnx")
     try:
         model = onnx.load(str(path))
     except Exception as exc:  # onnx raises DecodeError and others for a damaged file
