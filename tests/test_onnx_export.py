@@ -378,5 +378,5 @@ def test_cost_times_onnx_runtime_and_survives_a_net_onnx_cannot_express(tmp_path
 
 
 def test_a_missing_runtime_package_is_one_line() -> None:
-    with pytest.raises(CaffeEvoError, match="the no_such_runtime package is missing; `bash scripts/setup.sh`"):
+    with pytest.raises(CaffeEvoError, match="the no_such_runtime package is missing; `bash scripts/setup"):
         runtime.require("no_such_runtime")
