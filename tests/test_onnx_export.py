@@ -380,3 +380,31 @@ def test_cost_times_onnx_runtime_and_survives_a_net_onnx_cannot_express(tmp_path
 def test_a_missing_runtime_package_is_one_line() -> None:
     with pytest.raises(CaffeEvoError, match="the no_such_runtime package is missing; `bash scripts/setup"):
         runtime.require("no_such_runtime")
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "bf16"])
+def test_compaction_rounds_folded_biases_to_the_runs_precision(tmp_path: Path, fmt: str) -> None:
+    """A restricted run's net holds representable values; the constant that compaction folds into ip2's
+    bias is a new float32 sum, which is rounded too, and the self-check still holds."""
+    from test_compaction import LENET, dead_kernels, random_masks, save_masked
+
+    from caffe_evo.deploy.compaction import compact
+    from caffe_evo.precision import FORMATS, restrict_net
+
+    net, rng = random_net(LENET, 1)
+    masks = random_masks(net, rng, {"conv1": 10, "conv2": 25, "ip1": 250})
+    folded = dead_kernels(masks, "ip1")[0]
+    weights = save_masked(net, masks, {"ip1": {folded: 0.7}}, tmp_path / "full")
+    restrict_net(net, fmt)
+    net.save(str(weights))
+    summary = compact(LENET, weights, tmp_path / "compact", precision=fmt)  # the zeros are the masks
+    assert summary["layers"]["ip2"]["folded"] == 1 and summary["rounding"]["changed"] >= 1
+    assert summary["max_abs_diff"] > 0  # the rounded bias differs a little from the float32 sum
+    small = load_net(tmp_path / "compact" / "deploy.prototxt", tmp_path / "compact" / "weights.caffemodel")
+    stored = np.load(tmp_path / "compact" / f"weights_{fmt}.npz")
+    assert sorted(stored.files) == sorted(f"{name}/{i}" for name in small.params for i in range(2))
+    for blobs in small.params.values():
+        for blob in blobs:
+            np.testing.assert_array_equal(FORMATS[fmt](blob.data), blob.data)
+    if fmt == "fp16":
+        np.testing.assert_array_equal(stored["ip2/1"], small.params["ip2"][1].data.astype(np.float16))
