@@ -60,7 +60,7 @@ class TrainOptions:
 
 
 def loss_blob_names(net_param: Any) -> list[str]:
-    """Tops of the loss layers of a NetParameter (types ending in ``Loss``, or any layer with a loss weight)."""
+    """Tops of a NetParameter's loss layers: types ending in ``Loss``, and any layer with a loss weight."""
     return [
         top
         for layer in net_param.layer
@@ -183,6 +183,8 @@ def train(
         setup_started = time.perf_counter()
         solver_path = recipe.write_resolved(work, work, **overrides)
         if not recipe.builds:
+            if (task := DetectionTask.load(recipe.folder)) is not None:
+                task.check_heads(recipe)
             check_nets_build(
                 [(work / TRAIN_VAL_FILE, "TRAIN"), (work / DEPLOY_FILE, "TEST")], f"recipe {recipe.name}"
             )

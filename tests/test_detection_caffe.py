@@ -4,6 +4,7 @@ the full 1248x384 DetectNet loads and runs forward."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from caffe_evo.caffe_env import caffe_pb2, load_caffe
 from caffe_evo.compare import write_comparison
 from caffe_evo.deploy import onnx_export
 from caffe_evo.deploy.compaction import compact
+from caffe_evo.errors import CaffeEvoError
 from caffe_evo.evolution import EvolutionConfig, start
 from caffe_evo.lineage import read_json
 from caffe_evo.recipe import Recipe, parse_prototxt
@@ -123,3 +125,20 @@ def test_full_detectnet_loads_and_runs_forward() -> None:
     assert net.blobs["bboxes"].data.shape == (1, 4, 24, 78)
     proto = parse_prototxt(FULL / "deploy.prototxt", caffe_pb2().NetParameter())
     assert dependency.output_layers(proto) == {"cvg/classifier", "bbox/regressor"}
+
+
+def test_heads_off_the_ground_truth_stride_are_one_clear_error(scenes: Path, tmp_path: Path, data_root: Path):
+    recipe = tmp_path / "recipe"
+    shutil.copytree(MINI, recipe)
+    stride_2 = '"pool3" pooling_param { pool: MAX kernel_size: 3 stride: 2 }'
+    stride_1 = '"pool3" pooling_param { pool: MAX kernel_size: 3 stride: 1 pad: 1 }'
+    for name in ("train_val.prototxt", "deploy.prototxt"):  # pool3 at stride 1: heads at stride 8
+        (recipe / name).write_text((recipe / name).read_text().replace(stride_2, stride_1))
+    with pytest.raises(CaffeEvoError, match=r"head 'coverage' is 16x16 for a 128x128 input, not stride 16"):
+        train(Recipe.load(recipe, scenes), tmp_path / "out", TrainOptions(max_iter=1, progress=False))
+    small = tmp_path / "data"
+    counts = {"train": 2, "val": 2, "test": 2}
+    convert_digit_scenes(data_root / "mnist", data_root / "fashion-mnist", small / "digit-scenes", counts, 64)
+    with pytest.raises(CaffeEvoError, match=r"made at stride 16 for 64x64 images; .* stride 16 for 128x128"):
+        train(Recipe.load(MINI, small), tmp_path / "out", TrainOptions(max_iter=1, progress=False))
+    assert not (tmp_path / "out").exists()

@@ -11,6 +11,7 @@ wrong. The losses are averaged over the batches as for any net. Metric keys: ``p
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,39 @@ class DetectionTask:
             return cls(**data)
         except (yaml.YAMLError, TypeError, AttributeError) as exc:
             raise CaffeEvoError(f"{path}: not a valid detection task ({exc})") from None
+
+    def check_heads(self, recipe: Any) -> None:
+        """The heads must be at the task's stride, and the datasets' ground truth at that stride and size.
+
+        Caffe itself would only stop at the first Eltwise of maps of different sizes; this says why.
+        """
+        from caffe_evo.caffe_env import check_nets_build, load_caffe
+
+        deploy = recipe.folder / "deploy.prototxt"  # no data sources: the recipe's own file
+        check_nets_build([(deploy, "TEST")], f"recipe {recipe.name}")  # a broken net: one line, not abort
+        caffe = load_caffe()
+        net = caffe.Net(str(deploy), caffe.TEST)
+        size = net.blobs[net.inputs[0]].data.shape[2:]
+        for head in (self.coverage, self.bboxes):
+            if head not in net.blobs:
+                raise CaffeEvoError(f"{deploy}: no output blob '{head}' ({recipe.folder / TASK_FILE})")
+            grid = net.blobs[head].data.shape[2:]
+            if tuple(g * self.stride for g in grid) != tuple(size):
+                raise CaffeEvoError(
+                    f"{deploy}: head '{head}' is {grid[0]}x{grid[1]} for a {size[0]}x{size[1]} input, "
+                    f"not stride {self.stride}, the ground truth's ({recipe.folder / TASK_FILE})"
+                )
+        for layer in recipe.train_val.layer:
+            info_path = Path(layer.data_param.source).parent / "info.json"
+            if layer.type != "Data" or not layer.data_param.source.endswith("_labels_lmdb"):
+                continue
+            truth = json.loads(info_path.read_text()).get("groundtruth", {}) if info_path.is_file() else {}
+            made = (truth.get("stride"), truth.get("image_height"), truth.get("image_width"))
+            if made != (self.stride, *size):
+                raise CaffeEvoError(
+                    f"{info_path}: ground truth made at stride {made[0]} for {made[2]}x{made[1]} images; "
+                    f"recipe {recipe.name} needs stride {self.stride} for {size[1]}x{size[0]}"
+                )
 
     def passes(self, recipe: Any) -> list[int]:
         """Per test net, the forward passes that see each image of its split exactly once.
