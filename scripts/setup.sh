@@ -2,8 +2,16 @@
 # Everything caffe-evo needs on a fresh Debian 12 machine (run as root), idempotent and cached:
 # Debian packages, the .venv with pinned packages, BVLC Caffe with pycaffe (built once into
 # $CAFFE_EVO_CACHE, default ~/.cache/caffe-evo), caffe-evo itself, and the MNIST and Fashion-MNIST LMDBs.
+#   --system-only   stop after Caffe: needs only scripts/ and requirements-caffe.txt (docker/Dockerfile's Caffe
+#                   layer, which neither the source tree nor the other pins invalidate)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+system_only=0
+case "${1:-}" in
+  "") ;;
+  --system-only) system_only=1 ;;
+  *) printf 'setup: unknown option %s (only --system-only)\n' "$1" >&2; exit 1 ;;
+esac
 
 step() { printf '[setup] %s\n' "$*"; }
 fail() { printf 'setup: %s\n' "$*" >&2; exit 1; }
@@ -28,12 +36,20 @@ if [ ! -x .venv/bin/python ]; then
   step "creating .venv (Python 3.11)"
   /usr/bin/python3.11 -m venv .venv || fail "python3.11 -m venv failed"
 fi
-step "installing pinned Python packages"
-.venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt \
-  || fail "pip install -r requirements.txt failed"
+# --system-only: only what pycaffe needs (requirements.txt includes it), so that the image's Caffe layer
+# does not depend on the other pins.
+requirements=requirements.txt
+[ "$system_only" = 1 ] && requirements=requirements-caffe.txt
+step "installing pinned Python packages ($requirements)"
+.venv/bin/python -m pip install -q --disable-pip-version-check -r "$requirements" \
+  || fail "pip install -r $requirements failed"
 
 step "BVLC Caffe with pycaffe"
-.venv/bin/python scripts/install_caffe.py
+# CAFFE_EVO_CUDA=1 (docker/Dockerfile.gpu) builds Caffe with CUDA; the toolkit must be installed.
+caffe_options=()
+[ "${CAFFE_EVO_CUDA:-0}" = 1 ] && caffe_options+=(--cuda)
+.venv/bin/python scripts/install_caffe.py "${caffe_options[@]}"
+[ "$system_only" = 1 ] && { step "done (system only)"; exit 0; }
 
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e . \
   || fail "pip install -e . failed"
