@@ -43,7 +43,6 @@ class ExecutorOptions:
     kind: str = "local"
     workers: int | None = None  # local: processes (None = the machine's cores); ray: local instance CPUs
     ray_address: str | None = None  # ray: an existing cluster ("HOST:PORT" or "auto"); None = start one
-    blas_threads: int | None = None  # None: $OPENBLAS_NUM_THREADS if set, else 1 per worker
 
     def validate(self) -> None:
         if self.kind not in KINDS:
@@ -52,12 +51,11 @@ class ExecutorOptions:
             raise CaffeEvoError(f"--workers must be at least 1, got {self.workers}")
         if self.ray_address is not None and self.kind != "ray":
             raise CaffeEvoError("--ray-address needs --executor ray")
-        if self.blas_threads is not None and self.blas_threads < 1:
-            raise CaffeEvoError(f"BLAS threads must be at least 1, got {self.blas_threads}")
 
-    def worker_env(self) -> dict[str, str]:
-        threads = self.blas_threads or int(os.environ.get("OPENBLAS_NUM_THREADS", "1"))
-        return {"OPENBLAS_NUM_THREADS": str(threads)}
+    @staticmethod
+    def worker_env() -> dict[str, str]:
+        """One BLAS thread per worker, unless ``$OPENBLAS_NUM_THREADS`` says otherwise."""
+        return {"OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS", "1")}
 
 
 class Executor(Protocol):
