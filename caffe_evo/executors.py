@@ -2,11 +2,13 @@
 
 A task is small and picklable (a run folder and the candidate's coordinates); the worker reads all it
 needs from the lineage on disk and writes its candidate folder atomically, so the lineage does not depend
-on which worker trained what, nor on how many there are. One writer per candidate at a time: a task is
-retried only once the worker that ran it is dead (a broken local pool terminates all its workers; Ray
-retries a task only after its worker process has died), so a retry never shares a ``.partial-`` folder
-with a live writer. Local workers die with the driver (``PR_SET_PDEATHSIG``), so a killed driver leaves
-no orphan training a candidate that a resumed run trains again.
+on which worker trained what, nor on how many there are. Each worker loads the run once (its own Recipe,
+so its own ``Recipe.builds`` probe): no mutable state is shared between processes. One writer per
+candidate at a time: a task is retried only once the worker that ran it is dead (a broken local pool
+terminates all its workers; Ray retries a task only after its worker process has died), so a retry never
+shares a ``.partial-`` folder with a live writer. Local workers die with the driver
+(``PR_SET_PDEATHSIG``), so a killed driver leaves no orphan training a candidate that a resumed run
+trains again.
 """
 
 from __future__ import annotations
