@@ -33,6 +33,7 @@ pick_engine() {
   if ! command -v podman >/dev/null 2>&1; then
     is_root_debian || fail "neither a working docker nor podman; install one (Debian: apt-get install podman runc)"
     say "installing podman, runc and debootstrap"
+    apt-get update -qq >/dev/null || fail "apt-get update failed"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap >/dev/null \
       || fail "apt-get install podman runc debootstrap failed"
   fi
