@@ -154,7 +154,8 @@ run_image() {
 test_image() {
   build
   say "test suite inside $IMAGE"
-  $ENGINE run --rm --workdir /opt/caffe-evo --entrypoint /opt/caffe-evo/.venv/bin/python "$IMAGE" \
+  # Ray's object store wants more shared memory than the engines' 64 MB default.
+  $ENGINE run --rm --shm-size=1g --workdir /opt/caffe-evo --entrypoint /opt/caffe-evo/.venv/bin/python "$IMAGE" \
     -m pytest -p no:cacheprovider "$@"
   say "reproduce lenet5-mnist --quick inside $IMAGE"
   local runs
