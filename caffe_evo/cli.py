@@ -23,11 +23,12 @@ def _default_cache() -> Path:
 
 def _cmd_data(args: argparse.Namespace) -> None:
     from caffe_evo.recipe import default_data_root
-    from data_prep import cifar10, mnist, stl10
+    from data_prep import cifar10, mnist, standin, stl10
 
     out = (args.data_root or default_data_root()) / args.dataset
     held_out = {} if args.val_size is None else {"val_size": args.val_size}  # else the converter's default
-    if args.dataset in mnist.DATASETS and mnist.is_prepared(out) and not args.force:
+    derived = args.dataset in mnist.DATASETS or args.dataset in standin.STAND_INS
+    if derived and mnist.is_prepared(out) and not args.force:
         print(f"{args.dataset}: already prepared in {out}")
         return
     if args.dataset == "mnist":
@@ -36,6 +37,8 @@ def _cmd_data(args: argparse.Namespace) -> None:
     elif args.dataset == "fashion-mnist":
         source = args.source or mnist.FASHION_MNIST_DEBIAN_DIR
         info = mnist.convert_idx_dataset(mnist.FASHION_MNIST, source, out, **held_out)
+    elif args.dataset in standin.STAND_INS:
+        info = standin.convert_standin(args.dataset, args.source or mnist.FASHION_MNIST_DEBIAN_DIR, out)
     elif args.dataset in _DETECTION_DATASETS:
         info = _convert_detection(args, out)
     else:
@@ -83,12 +86,13 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from caffe_evo.recipe import Recipe
     from caffe_evo.training import TrainOptions, train
 
-    recipe = Recipe.load(args.recipe, args.data_root, args.allow_python_layers)
+    recipe = Recipe.load(args.recipe, args.data_root, args.allow_python_layers, args.stand_in)
     options = TrainOptions(
         max_iter=args.iters,
         seed=args.seed,
         weights=args.weights,
         precision=args.precision,
+        bn_batches=args.bn_batches,
         verbose=args.verbose,
         progress=not args.no_progress,
     )
@@ -107,6 +111,7 @@ _ENCODING_OPTIONS = {
     "normaliser": "normaliser",
     "aggregate": "aggregate",
     "granularity": "granularity",
+    "strength": "strength",
 }
 # `evolve` options that set the EvolutionConfig field of the same name.
 _RUN_OPTIONS = (
@@ -114,7 +119,7 @@ _RUN_OPTIONS = (
     "cluster_factor factor_mode factor_scope size_exponent init "
     "iters_per_generation ancestor ancestor_iters accuracy_floor max_accuracy_drop max_attempts layers "
     "data_root allow_python_layers precision stress_level stress_strength stress_period measure drop_unread "
-    "parents mating fitness_metric fitness_penalty"
+    "stand_in bn_batches parents mating fitness_metric fitness_penalty"
 ).split()
 
 
@@ -306,8 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="convert a dataset into Caffe LMDBs")
     data.add_argument(
         "dataset",
-        choices=["mnist", "fashion-mnist", "cifar10", "stl10", *_DETECTION_DATASETS],
-        help="digit-scenes (a stand-in) and trees: detection sets made here; kitti, parse27k: --source",
+        choices=[
+            *("mnist", "fashion-mnist", "cifar10", "stl10", "fashion32", "fashion96"),
+            *_DETECTION_DATASETS,
+        ],
+        help="fashion32/fashion96: Fashion-MNIST as 3x32x32 / 3x96x96 stand-ins for CIFAR-10 / STL-10; "
+        "digit-scenes (stand-in) and trees: detection sets made here; kitti, parse27k: --source",
     )
     data.add_argument("--source", type=Path, help="folder with the official raw files")
     data.add_argument("--data-root", type=Path, help="where datasets go (default $CAFFE_EVO_DATA or ./data)")
@@ -329,6 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data-root", type=Path, help="root for relative data sources")
     train.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16: restrict the trained weights")
     train.add_argument("--allow-python-layers", action="store_true", help="accept Python layers (user code)")
+    train.add_argument("--stand-in", action="store_true", help="train on the recipe's stand-in dataset")
+    train.add_argument(
+        "--bn-batches", type=int, default=50, help="batches for BatchNorm re-estimation (0: off)"
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--verbose", action="store_true", help="show Caffe's own log")
     train.set_defaults(func=_cmd_train)
@@ -373,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     evolve.add_argument("--normaliser", help="per-layer Z: max | rms")
     evolve.add_argument("--aggregate", help="cluster strength: sum | l2 | mean")
     evolve.add_argument("--granularity", help="cluster: kernel (per output map) | channel (per 2-D kernel)")
+    evolve.add_argument("--strength", help="|w| from: weights | bn_folded (times BatchNorm/Scale's gain)")
     evolve.add_argument("--synapse-factor", help="environmental factor, e.g. 0.8 or a schedule 0.9,0.8,0.7")
     evolve.add_argument("--cluster-factor", help="environmental factor at the cluster level")
     evolve.add_argument(
@@ -402,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     evolve.add_argument("--stress-period", type=int, help="stress every k iterations")
     evolve.add_argument("--data-root", type=Path)
     evolve.add_argument("--allow-python-layers", action="store_const", const=True)
+    evolve.add_argument("--stand-in", action="store_const", const=True, help="the recipe's stand-in dataset")
+    evolve.add_argument("--bn-batches", type=int, help="batches for BatchNorm re-estimation (0: off)")
     evolve.add_argument(
         "--no-measure", dest="measure", action="store_const", const=False, help="skip compaction and timing"
     )

@@ -24,7 +24,17 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from caffe_evo import atomic, baselines, dependency, executors, lineage, masking, netstats, selection
+from caffe_evo import (
+    atomic,
+    baselines,
+    batchnorm,
+    dependency,
+    executors,
+    lineage,
+    masking,
+    netstats,
+    selection,
+)
 from caffe_evo.caffe_env import caffe_pb2, load_caffe
 from caffe_evo.deploy.measure import measure
 from caffe_evo.encoding import EncodingConfig, LayerDNA, bias_mask, encode
@@ -102,6 +112,10 @@ class EvolutionConfig:
     drop_unread: bool = True  # offspring lose the synapses that cannot change the output (compaction)
     data_root: str | None = None
     allow_python_layers: bool = False
+    stand_in: bool = False  # train on the recipe's stand-in dataset (its stand_in.yaml)
+    # training batches for the exact re-estimation of BatchNorm statistics after every training run
+    # (caffe_evo.batchnorm); 0 keeps Caffe's moving averages
+    bn_batches: int = 50
     solver_overrides: dict[str, Any] = field(default_factory=dict)  # every training run (SolverParameter)
     # offspring training only, over solver_overrides: the learning rate falls linearly to 0 over the
     # generation's iterations, so each offspring is evaluated at a converged point, not mid-descent
@@ -152,6 +166,8 @@ class EvolutionConfig:
         self.fitness()
         if self.max_attempts < 1:
             raise CaffeEvoError(f"--max-attempts must be at least 1, got {self.max_attempts}")
+        if self.bn_batches < 0:
+            raise CaffeEvoError(f"--bn-batches must be 0 (off) or more, got {self.bn_batches}")
         if self.iters_per_generation < 1:
             raise CaffeEvoError(f"--iters-per-generation must be positive, got {self.iters_per_generation}")
         if self.ancestor_iters is not None and self.ancestor_iters < 1:
@@ -363,7 +379,7 @@ class Evolution:
         self._breeding: dict[int, tuple[Parent, dict[str, LayerDNA]]] = {}  # generation -> parent, DNA
         self._pool: executors.Executor | None = None  # while run() runs
         data_root = Path(config.data_root) if config.data_root else None
-        self.recipe = Recipe.load(Path(config.recipe), data_root, config.allow_python_layers)
+        self.recipe = Recipe.load(Path(config.recipe), data_root, config.allow_python_layers, config.stand_in)
         self.layers, self.protected = evolvable_layers(self.recipe, config.layers)
         self._check_recipe()
         self.evolving = config.layers or self.layers
@@ -375,6 +391,10 @@ class Evolution:
             )
         self.environment = config.environment()
         self.granularity = config.encoding.granularity
+        # Eltwise-tied maps live or die by one draw (cluster level, kernel granularity)
+        self.ties: dict[str, np.ndarray] = {}
+        if config.encoding.level == "cluster" and self.granularity == "kernel":
+            self.ties = dependency.tied_channels(self.recipe.folder / DEPLOY_FILE, self.evolving)
 
     def _check_recipe(self) -> None:
         """Refuse here what would otherwise fail only after the ancestor has trained."""
@@ -405,6 +425,7 @@ class Evolution:
                 seed=self.config.seed,
                 precision=self.config.precision,
                 solver_overrides=self.config.solver_overrides,
+                bn_batches=self.config.bn_batches,
                 progress=self.progress,
             )
             train(self.recipe, source, options)
@@ -479,15 +500,19 @@ class Evolution:
                 parents.append(self._load_parent(folder, generation))
         return parents
 
+    def _encode(self, parent: Parent) -> dict[str, LayerDNA]:
+        weights, masks = parent.of_layers(self.evolving)
+        if self.config.encoding.strength == "bn_folded":
+            weights = batchnorm.folded_weights(weights, parent.params, self.recipe.deploy)
+        return encode(weights, masks, self.config.encoding, self.protected)
+
     def _breed(self, generation: int) -> tuple[Parent, dict[str, LayerDNA]]:
         """Offspring ``generation``'s parent (standing for all its parents) and DNA, computed once."""
         if generation not in self._breeding:
             parents = self._parents(generation - 1)
             dna: dict[str, LayerDNA] = {}
             if self.config.method == "evolution":
-                dnas = [
-                    encode(*p.of_layers(self.evolving), self.config.encoding, self.protected) for p in parents
-                ]
+                dnas = [self._encode(p) for p in parents]
                 if len(parents) == 1:
                     dna = dnas[0]
                 else:
@@ -511,7 +536,10 @@ class Evolution:
         proposed = self._propose(parent, dna, generation, seeds.mask)
         if self.config.drop_unread:
             deploy = parent.folder / DEPLOY_FILE
-            proposed = dependency.drop_unread(deploy, parent.params, proposed, self.protected, parent.masks)
+            # BatchNorm/Scale of the maps that die now are masked as the offspring's training masks them
+            whole = {name: proposed.get(name, parent.masks[name]) for name in self.layers}
+            params = masking.masked_params(parent.params, whole, self.recipe.deploy)
+            proposed = dependency.drop_unread(deploy, params, proposed, self.protected, parent.masks)
         masks = {name: proposed.get(name, parent.masks[name]) for name in self.layers}
         options = TrainOptions(
             max_iter=self.config.iters_per_generation,
@@ -521,6 +549,7 @@ class Evolution:
             precision=self.config.precision,
             stress=self._stress_signal(generation, masks, seeds.stress),
             solver_overrides={**self.config.solver_overrides, **self.config.offspring_solver},
+            bn_batches=self.config.bn_batches,
             progress=self.progress,
         )
         ancestor_counts = {
@@ -563,7 +592,7 @@ class Evolution:
         weights, masks = parent.of_layers(self.evolving)
         method = self.config.method
         if method == "evolution":
-            return sample_offspring(dna, masks, self.environment, generation, rng, self.protected)
+            return sample_offspring(dna, masks, self.environment, generation, rng, self.protected, self.ties)
         if method == "magnitude":
             return baselines.magnitude_masks(
                 weights, masks, self.config.prune_fraction, self.config.prune_scope, self.protected
