@@ -190,3 +190,16 @@ def test_bad_executor_options(tmp_path: Path) -> None:
     with pytest.raises(CaffeEvoError, match=r"--ray-address 127\.0\.0\.1:9: no Ray head reachable"):
         make(ExecutorOptions("ray", ray_address="127.0.0.1:9"))
     assert time.monotonic() - started < 10
+
+
+def test_ray_retries_a_dead_worker_then_fails_cleanly(tmp_path: Path) -> None:
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import tests/
+    pool = make(ExecutorOptions("ray", workers=1))
+    try:
+        assert pool.map(_die_once, [str(tmp_path / "marker")])[0] > 0  # Ray ran it again
+        with pytest.raises(CaffeEvoError, match="a Ray worker died while running a candidate, 2 times"):
+            pool.map(_die, [1])
+    finally:
+        pool.close()
