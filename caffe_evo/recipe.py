@@ -108,6 +108,12 @@ def use_stand_in(net: Any, dataset: str, stand_in: str) -> None:
             param.source = str(Path(stand_in, *parts[1:]))
 
 
+# Layers whose output has as many channels as their (first known) input; any other type stops the count.
+_CHANNEL_WISE = frozenset(
+    "ReLU PReLU ELU Sigmoid TanH AbsVal Power BatchNorm Scale Bias Dropout Pooling LRN Split Eltwise".split()
+)
+
+
 def check_layers(net: Any, origin: Path) -> None:
     """What Caffe would answer with an abort, or a net evolution cannot follow, as one line naming the layer.
 
@@ -129,7 +135,7 @@ def check_layers(net: Any, origin: Path) -> None:
                 f"{origin}: layer '{layer.name}' (Eltwise) adds inputs with different channel counts "
                 f"({counts})"
             )
-        if layer.type == "Convolution":
+        if layer.type in ("Convolution", "Deconvolution"):
             out: int | None = layer.convolution_param.num_output
         elif layer.type == "InnerProduct":
             out = layer.inner_product_param.num_output
@@ -138,8 +144,8 @@ def check_layers(net: Any, origin: Path) -> None:
             out = dims[1] if len(dims) > 1 else None
         elif layer.type == "Concat" and None not in inputs and inputs:
             out = sum(inputs)  # type: ignore[arg-type]
-        elif inputs and layer.type not in ("Data", "Input", "Concat"):
-            out = inputs[0]  # channel-wise layers; anything else is Caffe's to check
+        elif inputs and layer.type in _CHANNEL_WISE:
+            out = next((c for c in inputs if c is not None), None)
         else:
             out = None
         for top in layer.top:
