@@ -260,6 +260,24 @@ def _md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
+def weights_md5(path: Path) -> str:
+    """MD5 of a caffemodel's parameters alone: layer names, blob shapes and float32 values in file order.
+
+    The file itself also holds the training net's layer settings, among them the LMDB paths of its data
+    layers, so two bit-identical trainings read from different folders give different file MD5s.
+    """
+    import numpy as np
+
+    from caffe_evo.weights import blob_shape, read_caffemodel
+
+    digest = hashlib.md5()
+    for layer in read_caffemodel(path).layer:
+        for blob in layer.blobs:
+            digest.update(f"{layer.name}{blob_shape(blob)}".encode())
+            digest.update(np.asarray(blob.data, dtype="<f4").tobytes())
+    return digest.hexdigest()
+
+
 def _digests(run: Path, last: int) -> dict[str, str]:
     files = {}
     for generation in sorted({0, last}):
@@ -267,6 +285,8 @@ def _digests(run: Path, last: int) -> dict[str, str]:
         for name in ("weights.caffemodel", lineage.MASKS_FILE):
             if (folder / name).is_file():
                 files[f"{folder.name}/{name}"] = _md5(folder / name)
+        if (folder / "weights.caffemodel").is_file():
+            files[f"{folder.name}/weights.caffemodel:params"] = weights_md5(folder / "weights.caffemodel")
     return files
 
 

