@@ -13,6 +13,7 @@ and the recipe then carries the stand-in's name, which every result it produces 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,13 +53,17 @@ def to_prototxt(message: Any) -> str:
     return text_format.MessageToString(message)
 
 
-def resolve_sources(net: Any, data_root: Path, recipe_name: str) -> None:
-    """Make every data layer's ``source`` absolute and check that it exists."""
+def _data_sources(net: Any) -> Iterator[tuple[Any, Any]]:
+    """Each data layer of ``net`` with the parameter message that holds its ``source``."""
     for layer in net.layer:
         field = _SOURCE_PARAMS.get(layer.type)
-        if field is None:
-            continue
-        param = getattr(layer, field)
+        if field is not None:
+            yield layer, getattr(layer, field)
+
+
+def resolve_sources(net: Any, data_root: Path, recipe_name: str) -> None:
+    """Make every data layer's ``source`` absolute and check that it exists."""
+    for layer, param in _data_sources(net):
         source = Path(param.source)
         resolved = source if source.is_absolute() else data_root / source
         if not resolved.exists():
@@ -98,11 +103,7 @@ def read_stand_in(folder: Path) -> tuple[str, str]:
 
 def use_stand_in(net: Any, dataset: str, stand_in: str) -> None:
     """Point every relative source under ``dataset/`` at ``stand_in/`` instead."""
-    for layer in net.layer:
-        field = _SOURCE_PARAMS.get(layer.type)
-        if field is None:
-            continue
-        param = getattr(layer, field)
+    for _, param in _data_sources(net):
         parts = Path(param.source).parts
         if parts and parts[0] == dataset:
             param.source = str(Path(stand_in, *parts[1:]))

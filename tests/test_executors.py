@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import short_eval_recipe
 
 from caffe_evo.errors import CaffeEvoError
 from caffe_evo.evolution import EvolutionConfig, resume, start
@@ -23,20 +23,9 @@ from caffe_evo.training import TrainOptions, train
 
 
 @pytest.fixture(scope="module")
-def tiny_recipe(tmp_path_factory: pytest.TempPathFactory, lenet5: Path) -> Path:
+def tiny_recipe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """LeNet-5 evaluated on 500 validation and 500 test images."""
-    folder = tmp_path_factory.mktemp("recipes") / "lenet5-tiny"
-    shutil.copytree(lenet5, folder)
-    solver = (folder / "solver.prototxt").read_text()
-    (folder / "solver.prototxt").write_text(
-        solver.replace("test_iter: 50", "test_iter: 5").replace("test_iter: 100", "test_iter: 5")
-    )
-    return folder
-
-
-@pytest.fixture(scope="module")
-def lenet5() -> Path:  # module scope, unlike conftest's
-    return Path(__file__).resolve().parent.parent / "prototxt" / "lenet5"
+    return short_eval_recipe(tmp_path_factory.mktemp("recipes") / "lenet5-tiny")
 
 
 @pytest.fixture(scope="module")

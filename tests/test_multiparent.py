@@ -3,13 +3,13 @@ masks and on a real 2-generation LeNet-5/MNIST run with 2 parents."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import short_eval_recipe
 
 from caffe_evo import lineage, masking
 from caffe_evo.encoding import EncodingConfig, LayerDNA, encode
@@ -109,13 +109,7 @@ def test_fitness_metric_floor_and_efficiency_penalty() -> None:
 
 @pytest.fixture(scope="module")
 def two_parent_run(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Path:
-    lenet5 = Path(__file__).resolve().parent.parent / "prototxt" / "lenet5"
-    recipe = tmp_path_factory.mktemp("recipes") / "lenet5-tiny"
-    shutil.copytree(lenet5, recipe)
-    solver = (recipe / "solver.prototxt").read_text()
-    (recipe / "solver.prototxt").write_text(
-        solver.replace("test_iter: 50", "test_iter: 5").replace("test_iter: 100", "test_iter: 5")
-    )
+    recipe = short_eval_recipe(tmp_path_factory.mktemp("recipes") / "lenet5-tiny")
     config = EvolutionConfig(
         recipe=str(recipe),
         data_root=str(data_root),

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import no_partials
+from conftest import no_partials, short_eval_recipe
 from test_compaction import FIXTURES, random_net
 
 from caffe_evo.caffe_env import caffe_pb2, load_caffe
@@ -245,12 +245,7 @@ def test_fp16_overflow_is_one_error(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def lineage(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Path:
     """An fp16-restricted LeNet-5 lineage of one generation (short training, small evaluations)."""
-    recipe = tmp_path_factory.mktemp("recipes") / "lenet5"
-    shutil.copytree(Path(__file__).resolve().parent.parent / "prototxt" / "lenet5", recipe)
-    solver = (recipe / "solver.prototxt").read_text()
-    (recipe / "solver.prototxt").write_text(
-        solver.replace("test_iter: 50", "test_iter: 5").replace("test_iter: 100", "test_iter: 5")
-    )
+    recipe = short_eval_recipe(tmp_path_factory.mktemp("recipes") / "lenet5")
     run = tmp_path_factory.mktemp("evo") / "run"
     config = {
         "recipe": str(recipe),
