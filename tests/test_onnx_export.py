@@ -169,22 +169,19 @@ def test_layers_in_combination_and_two_outputs(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("fixture", ["alexnet_small", "resnet_small", "concat_small"])
-def test_fixture_nets_with_random_weights(fixture: str) -> None:
+def test_fixture_nets_with_random_weights(fixture: str, tmp_path: Path) -> None:
     deploy = FIXTURES / f"{fixture}.prototxt"
     net, _ = random_net(deploy, seed=5)
     # Compare the logits too: the final Softmax could hide a small error.
     proto = parse_prototxt(deploy, caffe_pb2().NetParameter())
     del proto.layer[-1]
-    logits = deploy.with_name(f"{fixture}_logits.prototxt")
-    try:
-        logits.write_text(str(proto))
-        logit_net = load_caffe().Net(str(logits), load_caffe().TEST)
-        for name in logit_net.params:
-            for mine, theirs in zip(logit_net.params[name], net.params[name], strict=True):
-                mine.data[...] = theirs.data
-        compare(logits, logit_net, batch=2)
-    finally:
-        logits.unlink()
+    logits = tmp_path / f"{fixture}_logits.prototxt"
+    logits.write_text(str(proto))
+    logit_net = load_caffe().Net(str(logits), load_caffe().TEST)
+    for name in logit_net.params:
+        for mine, theirs in zip(logit_net.params[name], net.params[name], strict=True):
+            mine.data[...] = theirs.data
+    compare(logits, logit_net, batch=2)
     compare(deploy, net, batch=2)
     for opset in (11, 17):
         compare(deploy, net, onnx_export.ExportOptions(opset=opset), batch=1)
