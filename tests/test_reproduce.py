@@ -25,15 +25,8 @@ def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
 def test_quick_reproduction_pins_blas_and_records_it(tmp_path: Path, data_root: Path) -> None:
     before = {key: os.environ.get(key) for key in reproduce.PINNED_ENV}
     out = tmp_path / "run"
-    result = cli(
-        "reproduce",
-        "lenet5-mnist",
-        "--quick",
-        "--out",
-        str(out),
-        "--no-progress",
-        CAFFE_EVO_DATA=str(data_root),
-    )
+    quick = ("reproduce", "lenet5-mnist", "--quick", "--out", str(out), "--no-progress")
+    result = cli(*quick, CAFFE_EVO_DATA=str(data_root))
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"report: {out / 'report' / 'report.md'}" in result.stdout
     assert "published, Shafiee et al. 2016 (cluster-driven), LeNet-5 / MNIST" in result.stdout
@@ -56,15 +49,7 @@ def test_quick_reproduction_pins_blas_and_records_it(tmp_path: Path, data_root: 
     assert {key: os.environ.get(key) for key in reproduce.PINNED_ENV} == before
 
     # Run again: the finished run is resumed (nothing retrained), the same files, a second record.
-    again = cli(
-        "reproduce",
-        "lenet5-mnist",
-        "--quick",
-        "--out",
-        str(out),
-        "--no-progress",
-        CAFFE_EVO_DATA=str(data_root),
-    )
+    again = cli(*quick, CAFFE_EVO_DATA=str(data_root))
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming" in again.stdout
     entries = json.loads((out / "run.json").read_text())["reproduction"]
