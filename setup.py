@@ -11,6 +11,18 @@ setup(
     description="Evolve Caffe networks into smaller, faster offspring (evolutionary deep intelligence).",
     packages=find_packages(include=["caffe_evo", "caffe_evo.*", "data_prep", "data_prep.*"]),
     python_requires=">=3.11",
-    install_requires=["numpy<2", "protobuf>=4.21,<5", "lmdb", "tqdm", "PyYAML"],
+    # pinned versions in requirements.txt; ray only for --executor ray
+    install_requires=[
+        "numpy<2",
+        "protobuf>=4.21,<5",
+        "lmdb",
+        "tqdm",
+        "PyYAML",
+        "onnx",
+        "onnxruntime",
+        "opencv-python-headless",
+        "matplotlib",
+    ],
+    extras_require={"ray": ["ray"]},
     entry_points={"console_scripts": ["caffe-evo=caffe_evo.cli:main"]},
 )

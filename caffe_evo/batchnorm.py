@@ -47,6 +47,17 @@ class Reestimation:
             "seconds": self.seconds,
         }
 
+    def plus(self, other: Reestimation | None) -> Reestimation:
+        """Two re-estimations of one net (before and after precision restriction), as one recorded step."""
+        if other is None:
+            return self
+        return Reestimation(
+            self.layers,
+            self.batches + other.batches,
+            self.images + other.images,
+            round(self.seconds + other.seconds, 3),
+        )
+
 
 def reestimate(net: Any, batches: int) -> Reestimation | None:
     """Replace the BatchNorm statistics of the TRAIN-phase pycaffe ``net`` by their average over the next

@@ -25,6 +25,10 @@ def _cmd_data(args: argparse.Namespace) -> None:
     from caffe_evo.recipe import default_data_root
     from data_prep import cifar10, mnist, standin, stl10
 
+    if args.val_size is not None and args.dataset not in _VAL_SIZE_DATASETS:
+        raise CaffeEvoError(
+            f"--val-size applies to {', '.join(_VAL_SIZE_DATASETS)}; {args.dataset} has fixed splits"
+        )
     out = (args.data_root or default_data_root()) / args.dataset
     held_out = {} if args.val_size is None else {"val_size": args.val_size}  # else the converter's default
     derived = args.dataset in mnist.DATASETS or args.dataset in standin.STAND_INS
@@ -50,6 +54,8 @@ def _cmd_data(args: argparse.Namespace) -> None:
 
 
 _DETECTION_DATASETS = ("digit-scenes", "trees", "kitti", "parse27k")
+# the converters that hold out a validation split of the size asked for
+_VAL_SIZE_DATASETS = ("mnist", "fashion-mnist", "cifar10", "stl10")
 
 
 def _convert_detection(args: argparse.Namespace, out: Path) -> dict:
@@ -127,9 +133,11 @@ def _load_config_file(path: Path) -> dict:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CaffeEvoError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as exc:
+        raise CaffeEvoError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise CaffeEvoError(f"{path}: not valid YAML/JSON ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -149,8 +157,10 @@ def _layer_factor(text: str) -> tuple[str, str, str]:
 def evolution_config(args: argparse.Namespace, resuming: bool = False) -> dict:
     """The run configuration: the config file (if any), overridden by the options given; for a resumed
     run only what is given (the run's own ``run.json`` supplies the rest)."""
+    from caffe_evo.evolution import check_layer_factors, check_mapping
+
     config = _load_config_file(args.config) if args.config else {}
-    encoding = dict(config.get("encoding") or {})
+    encoding = dict(check_mapping("encoding", config.get("encoding", {})))
     for option, key in _ENCODING_OPTIONS.items():
         if getattr(args, option) is not None:
             encoding[key] = getattr(args, option)
@@ -160,11 +170,10 @@ def evolution_config(args: argparse.Namespace, resuming: bool = False) -> dict:
         value = getattr(args, key)
         if value is not None:
             config[key] = str(value) if isinstance(value, Path) else value
+    if "layer_factors" in config:  # the file's, checked before --layer-factor adds to them
+        check_layer_factors(config["layer_factors"])
     for name, level, factor in map(_layer_factor, args.layer_factor or []):
-        layer_factors = config.setdefault("layer_factors", {})
-        if not isinstance(layer_factors, dict):
-            raise CaffeEvoError(f"layer_factors must map layer names to levels, got {layer_factors!r}")
-        layer_factors.setdefault(name, {})[level] = factor
+        config.setdefault("layer_factors", {}).setdefault(name, {})[level] = factor
     if "recipe" not in config and not resuming:
         raise CaffeEvoError("evolve needs --recipe (or `recipe:` in --config), or --resume RUN")
     return config
@@ -320,7 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument("--source", type=Path, help="folder with the official raw files")
     data.add_argument("--data-root", type=Path, help="where datasets go (default $CAFFE_EVO_DATA or ./data)")
-    data.add_argument("--val-size", type=int, help="held-out validation images (default 5,000; STL-10: 500)")
+    data.add_argument(
+        "--val-size",
+        type=int,
+        help=f"{', '.join(_VAL_SIZE_DATASETS)}: held-out validation images (default 5,000; STL-10: 500)",
+    )
     data.add_argument("--force", action="store_true", help="rebuild even if already prepared")
     data.add_argument("--scenes", default="4000,500,500", help="digit-scenes: TRAIN,VAL,TEST scene counts")
     data.add_argument("--scene-size", type=int, default=128, help="digit-scenes side / trees tile (pixels)")
@@ -492,9 +505,13 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(getattr(args, "verbose", False))
     try:
         args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers, not at interpreter exit
     except CaffeEvoError as exc:
         print(f"caffe-evo: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `caffe-evo lineage RUN | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
     except OSError as exc:  # a read-only or full disk, a permission: the atomic writes left nothing half-done
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"caffe-evo: {where}{exc.strerror or exc}", file=sys.stderr)

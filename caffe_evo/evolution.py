@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import platform
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +52,15 @@ from caffe_evo.synthesis import (
     parse_schedule,
     sample_offspring,
 )
-from caffe_evo.training import METRICS_FILE, SOLVERSTATE_FILE, WEIGHTS_FILE, TrainOptions, relocate, train
+from caffe_evo.training import (
+    METRICS_FILE,
+    SOLVERSTATE_FILE,
+    WEIGHTS_FILE,
+    TrainOptions,
+    check_bn_batches,
+    relocate,
+    train,
+)
 from caffe_evo.weights import load_net
 
 EVOLVABLE_TYPES = ("Convolution", "InnerProduct")
@@ -58,6 +68,7 @@ INIT_MODES = ("inherit", "reinit")
 # What a resumed run may change: none of it changes the lineage so far.
 RESUMABLE = ("generations", "measure", "allow_python_layers")
 _PATHS = ("recipe", "data_root", "ancestor", "mask_source")
+FACTOR_LEVELS = ("synapse", "cluster")
 
 
 @dataclass
@@ -125,14 +136,9 @@ class EvolutionConfig:
         def factor(text: str) -> Factor:
             return Factor.parse(str(text), self.factor_mode, self.factor_scope, self.size_exponent)
 
-        if not isinstance(self.layer_factors, dict):
-            raise CaffeEvoError(f"layer_factors must map layer names to levels, got {self.layer_factors!r}")
-        own: dict[str, dict[str, Factor]] = {"synapse": {}, "cluster": {}}
+        check_layer_factors(self.layer_factors)
+        own: dict[str, dict[str, Factor]] = {level: {} for level in FACTOR_LEVELS}
         for name, levels in self.layer_factors.items():
-            if not isinstance(levels, dict) or not levels or set(levels) - set(own):
-                raise CaffeEvoError(
-                    f"layer factor for '{name}' must give synapse and/or cluster factors, got {levels!r}"
-                )
             for level, text in levels.items():
                 own[level][name] = factor(text)
         return Environment(
@@ -166,12 +172,13 @@ class EvolutionConfig:
         self.fitness()
         if self.max_attempts < 1:
             raise CaffeEvoError(f"--max-attempts must be at least 1, got {self.max_attempts}")
-        if self.bn_batches < 0:
-            raise CaffeEvoError(f"--bn-batches must be 0 (off) or more, got {self.bn_batches}")
+        check_bn_batches(self.bn_batches)
         if self.iters_per_generation < 1:
             raise CaffeEvoError(f"--iters-per-generation must be positive, got {self.iters_per_generation}")
         if self.ancestor_iters is not None and self.ancestor_iters < 1:
             raise CaffeEvoError(f"--ancestor-iters must be positive, got {self.ancestor_iters}")
+        if self.layers is not None and not self.layers:
+            raise CaffeEvoError("--layers must name at least one layer (leave it out to evolve them all)")
         if self.method not in baselines.METHODS:
             raise CaffeEvoError(
                 f"unknown --method {self.method!r}; choose from {', '.join(baselines.METHODS)}"
@@ -230,24 +237,64 @@ class EvolutionConfig:
         if unknown:
             raise CaffeEvoError(f"unknown configuration keys: {', '.join(unknown)}")
         values = dict(data)
-        encoding = values.get("encoding", {})
-        if isinstance(encoding, dict):
-            unknown = sorted(set(encoding) - {f.name for f in dataclasses.fields(EncodingConfig)})
-            if unknown:
-                raise CaffeEvoError(f"unknown encoding keys: {', '.join(unknown)}")
-            values["encoding"] = EncodingConfig(**encoding)
+        encoding = check_mapping("encoding", values.get("encoding", {}))
+        unknown = sorted(set(encoding) - {f.name for f in dataclasses.fields(EncodingConfig)})
+        if unknown:
+            raise CaffeEvoError(f"unknown encoding keys: {', '.join(unknown)}")
+        values["encoding"] = EncodingConfig(**encoding)
         for key in ("synapse_factor", "cluster_factor", "stress_strength"):
             if key in values:
                 values[key] = str(values[key])
-        defaults = cls(recipe="")
-        for key, value in values.items():
-            expected = type(getattr(defaults, key))
-            # Numbers and switches from a config file must have the right type, or validation would crash.
-            if expected in (int, float, bool) and value is not None:
-                accepted = (int, float) if expected is float else expected
-                if not isinstance(value, accepted) or (expected is not bool and isinstance(value, bool)):
-                    raise CaffeEvoError(f"configuration {key}: expected {expected.__name__}, got {value!r}")
+        # A value of the wrong type from a config file would crash validation or the run, not fail it.
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in values and not _conforms(values[f.name], hints[f.name]):
+                raise CaffeEvoError(f"configuration {f.name}: expected {f.type}, got {values[f.name]!r}")
         return cls(**values)
+
+    def with_absolute_paths(self) -> EvolutionConfig:
+        """This configuration with its paths resolved against the current folder, so that a run stored
+        with them resumes from any folder."""
+        paths = {key: str(Path(value).resolve()) for key in _PATHS if (value := getattr(self, key))}
+        return dataclasses.replace(self, **paths)
+
+
+def check_mapping(key: str, value: Any) -> dict[str, Any]:
+    """``value``, which the configuration ``key`` needs to be a mapping."""
+    if not isinstance(value, dict):
+        raise CaffeEvoError(f"configuration {key}: expected a mapping, got {value!r}")
+    return value
+
+
+def check_layer_factors(layer_factors: Any) -> None:
+    """Refuse layer factors that are not layer -> {"synapse"|"cluster": factor}."""
+    if not isinstance(layer_factors, dict):
+        raise CaffeEvoError(f"layer_factors must map layer names to levels, got {layer_factors!r}")
+    for name, levels in layer_factors.items():
+        if not isinstance(levels, dict) or not levels or set(levels) - set(FACTOR_LEVELS):
+            raise CaffeEvoError(
+                f"layer factor for '{name}' must give synapse and/or cluster factors, got {levels!r}"
+            )
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether ``value`` has the annotated type ``hint``; an int does for a float. Of a container only the
+    items of a list and the keys of a mapping are checked: the values have checks of their own."""
+    if typing.get_origin(hint) is types.UnionType:
+        return any(_conforms(value, arg) for arg in typing.get_args(hint))
+    if hint is Any:
+        return True
+    if hint in (int, float) and isinstance(value, bool):
+        return False
+    if hint is float:
+        return isinstance(value, int | float)
+    origin = typing.get_origin(hint)
+    if origin is None:
+        return isinstance(value, hint)
+    first = typing.get_args(hint)[0]
+    if origin is list:
+        return isinstance(value, list) and all(_conforms(item, first) for item in value)
+    return isinstance(value, origin) and all(_conforms(key, first) for key in value)
 
 
 def _merged(base: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
@@ -268,14 +315,23 @@ class Parent:
     params: dict[str, list[np.ndarray]]  # layer -> [weights, bias] as stored (fp32)
     masks: dict[str, np.ndarray]  # evolvable layer -> bool synapse mask
     sources: list[str]  # the parents' folders, relative to the run, fittest first
+    # standing for several parents: the fittest one's masks, which the survival rate is met against, so
+    # that an offspring drawn from the union of their masks shrinks as fast as one parent's would
+    fittest_masks: dict[str, np.ndarray] | None = None
 
     @classmethod
-    def mate(cls, parents: list[Parent]) -> Parent:
+    def mate(cls, parents: list[Parent], deploy: Any = None) -> Parent:
         """One parent standing for parents of one ancestor: the union of their masks (a synapse dead in
-        every parent stays dead) and each living parameter from the fittest parent in which it lives."""
+        every parent stays dead) and each living parameter from the fittest parent in which it lives.
+
+        A map that lives only in a later parent brings along its BatchNorm and Scale parameters (the
+        followers in the NetParameter ``deploy``; None: a net without any), which are 0 in the parents
+        where it is dead: Scale's as they are, BatchNorm's statistics rescaled to the fittest parent's
+        stored scale factor, by which Caffe divides them."""
         first = parents[0]
         params = {name: [blob.copy() for blob in blobs] for name, blobs in first.params.items()}
         masks = {name: mask.copy() for name, mask in first.masks.items()}
+        chains = masking.followers(deploy) if deploy is not None else {}
         for other in parents[1:]:
             for name, mask in masks.items():
                 gained = other.masks[name] & ~mask
@@ -284,12 +340,31 @@ class Parent:
                 gained_bias = bias_mask(other.masks[name]) & ~bias_mask(mask)
                 for blob, source in zip(blobs[1:], other.params[name][1:], strict=True):
                     blob[gained_bias] = source[gained_bias]
+                for layer, kind in chains.get(name, []):
+                    _inherit_channels(params[layer], other.params[layer], gained_bias, kind)
                 mask |= other.masks[name]
-        return cls(first.generation, first.folder, params, masks, [s for p in parents for s in p.sources])
+        sources = [s for p in parents for s in p.sources]
+        fittest = first.masks if len(parents) > 1 else None
+        return cls(first.generation, first.folder, params, masks, sources, fittest)
 
     def of_layers(self, names: list[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Weights and masks of the named layers, in that order."""
         return {name: self.params[name][0] for name in names}, {name: self.masks[name] for name in names}
+
+
+def _inherit_channels(
+    blobs: list[np.ndarray], source: list[np.ndarray], channels: np.ndarray, kind: str
+) -> None:
+    """Copy the ``channels`` of a BatchNorm or Scale layer's ``source`` blobs into ``blobs`` in place."""
+    if kind != "BatchNorm":
+        for blob, given in zip(blobs, source, strict=True):
+            blob[channels] = given[channels]
+        return
+    # Caffe uses stored sum / stored factor; a source factor of 0 means statistics of 0
+    factor = float(source[2][0])
+    ratio = float(blobs[2][0]) / factor if factor != 0 else 0.0
+    for blob, given in zip(blobs[:2], source[:2], strict=True):
+        blob[channels] = given[channels] * ratio
 
 
 def evolvable_layers(recipe: Recipe, selected: list[str] | None) -> tuple[list[str], frozenset[str]]:
@@ -382,7 +457,7 @@ class Evolution:
         self.recipe = Recipe.load(Path(config.recipe), data_root, config.allow_python_layers, config.stand_in)
         self.layers, self.protected = evolvable_layers(self.recipe, config.layers)
         self._check_recipe()
-        self.evolving = config.layers or self.layers
+        self.evolving = self.layers if config.layers is None else config.layers
         unknown = sorted(set(config.layer_factors) - set(self.evolving))
         if unknown:
             raise CaffeEvoError(
@@ -398,10 +473,16 @@ class Evolution:
 
     def _check_recipe(self) -> None:
         """Refuse here what would otherwise fail only after the ancestor has trained."""
-        if "val" not in self.recipe.test_net_names():
+        names = self.recipe.test_net_names()
+        if "val" not in names:
             raise CaffeEvoError(
                 f"recipe {self.recipe.name}: its solver has no test net of stage val (evolution selects on "
                 "the validation split, held out of training; the test set is only reported)"
+            )
+        if "test" not in names:
+            raise CaffeEvoError(
+                f"recipe {self.recipe.name}: its solver has no test net of stage test (every generation "
+                "reports its test-set score beside the validation score it was selected on)"
             )
         if self.config.measure or self.config.drop_unread:
             try:
@@ -481,7 +562,14 @@ class Evolution:
             return None
         evolving = {name: masks[name] for name in self.evolving}
         return StressSignal(
-            stress, self.config.encoding, self.environment, generation, evolving, self.protected, rng
+            stress,
+            self.config.encoding,
+            self.environment,
+            generation,
+            evolving,
+            self.protected,
+            rng,
+            self.ties,
         )
 
     def _load_parent(self, folder: Path, generation: int) -> Parent:
@@ -519,7 +607,8 @@ class Evolution:
                     dna, _ = combine_parents(
                         dnas, [p.of_layers(self.evolving)[1] for p in parents], self.config.mating
                     )
-            self._breeding = {generation: (Parent.mate(parents), dna)}  # older generations are done
+            # older generations are done
+            self._breeding = {generation: (Parent.mate(parents, self.recipe.deploy), dna)}
         return self._breeding[generation]
 
     def candidate(self, generation: int, attempt: int, k: int) -> dict[str, Any]:
@@ -592,7 +681,12 @@ class Evolution:
         weights, masks = parent.of_layers(self.evolving)
         method = self.config.method
         if method == "evolution":
-            return sample_offspring(dna, masks, self.environment, generation, rng, self.protected, self.ties)
+            reference = None
+            if parent.fittest_masks is not None:
+                reference = {name: parent.fittest_masks[name] for name in self.evolving}
+            return sample_offspring(
+                dna, masks, self.environment, generation, rng, self.protected, self.ties, reference
+            )
         if method == "magnitude":
             return baselines.magnitude_masks(
                 weights, masks, self.config.prune_fraction, self.config.prune_scope, self.protected
@@ -718,7 +812,7 @@ def start(
     run = Path(run)
     if run.exists():
         raise CaffeEvoError(f"{run}: already exists; use --resume {run} to continue it")
-    return Evolution(config, run, progress, executor)
+    return Evolution(config.with_absolute_paths(), run, progress, executor)
 
 
 def resume(

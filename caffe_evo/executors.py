@@ -196,8 +196,8 @@ class RayExecutor:
                 options["address"] = address
             try:
                 ray.init(**options)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise CaffeEvoError(f"--ray-address {address}: cannot join the Ray cluster ({exc})") from None
+            except (ConnectionError, RuntimeError, ValueError, OSError) as exc:
+                raise CaffeEvoError(f"{_ray_target(address)} ({exc})") from None
         self._remote = ray.remote(num_cpus=1, max_retries=RETRIES, retry_exceptions=False)(_ray_call)
 
     def map(
@@ -233,6 +233,15 @@ class RayExecutor:
     def close(self) -> None:
         if self._started:
             self.ray.shutdown()
+
+
+def _ray_target(address: str | None) -> str:
+    """What ``ray.init`` failed to do: without an address it joins $RAY_ADDRESS if set, else starts one."""
+    if address is not None:
+        return f"--ray-address {address}: cannot join the Ray cluster"
+    if "RAY_ADDRESS" in os.environ:
+        return f"RAY_ADDRESS={os.environ['RAY_ADDRESS']}: cannot join the Ray cluster"
+    return "--executor ray: cannot start a local Ray instance"
 
 
 def make(options: ExecutorOptions) -> Executor:

@@ -41,6 +41,7 @@ def finetune(
         weights=gen_dir / WEIGHTS_FILE,
         weight_masks=masks,
         precision=config.precision,
+        bn_batches=config.bn_batches,
         solver_overrides={**config.solver_overrides, **config.offspring_solver},
         progress=progress,
     )

@@ -66,6 +66,15 @@ class RestrictionReport:
             "max_abs_change": self.max_abs_change,
         }
 
+    def plus(self, other: RestrictionReport) -> RestrictionReport:
+        """The report of two restrictions of one network, one after the other."""
+        return RestrictionReport(
+            self.precision,
+            self.overflow + other.overflow,
+            self.flushed_to_zero + other.flushed_to_zero,
+            max(self.max_abs_change, other.max_abs_change),
+        )
+
 
 def check_choice(precision: str) -> None:
     if precision not in CHOICES:

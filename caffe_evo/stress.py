@@ -69,6 +69,9 @@ class StressSignal:
     masks: dict[str, np.ndarray]  # the evolving layers' synapse masks
     protected: frozenset[str]
     rng: np.random.Generator
+    # per layer, the Eltwise-tied class of each output map (caffe_evo.dependency.tied_channels): the stress
+    # removes what synthesis would, so a tied class is drawn once, as in the offspring
+    ties: dict[str, np.ndarray] = field(default_factory=dict)
     hits: list[tuple[int, int]] = field(default_factory=list)  # (iteration, synapses attenuated)
     _net: Any = None
     # (layer, blob, index, stored values): restored through the blob read again, as pycaffe's ``.data`` is
@@ -89,7 +92,9 @@ class StressSignal:
         if self.config.level == "cluster":
             env = dataclasses.replace(env, synapse=Factor((1.0,)), layer_synapse={})
         dna = encode(weights, self.masks, level_encoding, self.protected)
-        survivors = sample_offspring(dna, self.masks, env, self.generation + 1, self.rng, self.protected)
+        survivors = sample_offspring(
+            dna, self.masks, env, self.generation + 1, self.rng, self.protected, self.ties
+        )
         return {name: self.masks[name] & ~survivors[name] for name in self.masks}
 
     def on_start(self) -> None:

@@ -96,9 +96,18 @@ class Factor:
         return self.apply_layers({"": probs}, {"": living}, generation)[""]
 
     def apply_layers(
-        self, probs: dict[str, np.ndarray], living: dict[str, np.ndarray], generation: int
+        self,
+        probs: dict[str, np.ndarray],
+        living: dict[str, np.ndarray],
+        generation: int,
+        reference: Mapping[str, float] | None = None,
     ) -> dict[str, np.ndarray]:
-        """Effective survival probabilities of several layers' units, at this factor's scope."""
+        """Effective survival probabilities of several layers' units, at this factor's scope.
+
+        A survival rate is met against ``reference[name]`` living units where given (several parents:
+        the fittest parent's count, so that the offspring of a union of masks shrinks as one parent's
+        would), else against the living units themselves.
+        """
         for name, p in probs.items():
             if p.shape != living[name].shape:
                 raise CaffeEvoError(
@@ -117,7 +126,10 @@ class Factor:
         effective = {name: np.zeros(p.shape) for name, p in probs.items()}
         for group in groups:
             units = np.concatenate([probs[n][living[n]] for n in group])
-            calibrated = _calibrated(units, factor[group[0]])
+            target = factor[group[0]]
+            if reference is not None and units.size:
+                target = min(1.0, target * sum(reference[n] for n in group) / units.size)
+            calibrated = _calibrated(units, target)
             start = 0
             for name in group:
                 count = int(np.count_nonzero(living[name]))
@@ -155,19 +167,30 @@ class Environment:
     layer_cluster: Mapping[str, Factor] = field(default_factory=dict)
 
     def effective(
-        self, level: str, probs: dict[str, np.ndarray], living: dict[str, np.ndarray], generation: int
+        self,
+        level: str,
+        probs: dict[str, np.ndarray],
+        living: dict[str, np.ndarray],
+        generation: int,
+        reference: Mapping[str, float] | None = None,
     ) -> dict[str, np.ndarray]:
-        """Survival probabilities at ``level`` ("synapse" or "cluster") of the layers in ``probs``."""
+        """Survival probabilities at ``level`` ("synapse" or "cluster") of the layers in ``probs``; a
+        survival rate is met against ``reference``'s counts where given (:meth:`Factor.apply_layers`)."""
         shared, own = (
             (self.synapse, self.layer_synapse) if level == "synapse" else (self.cluster, self.layer_cluster)
         )
         common = [name for name in probs if name not in own]
         result = shared.apply_layers(
-            {name: probs[name] for name in common}, {name: living[name] for name in common}, generation
+            {name: probs[name] for name in common},
+            {name: living[name] for name in common},
+            generation,
+            reference,
         )
         for name in probs:
             if name in own:
-                result[name] = own[name].apply(probs[name], living[name], generation)
+                result[name] = own[name].apply_layers(
+                    {name: probs[name]}, {name: living[name]}, generation, reference
+                )[name]
         return {name: result[name] for name in probs}
 
 
@@ -179,6 +202,7 @@ def sample_offspring(
     rng: np.random.Generator,
     protected: frozenset[str] = frozenset(),
     ties: dict[str, np.ndarray] | None = None,
+    reference_masks: Masks | None = None,
 ) -> Masks:
     """Sample the offspring's masks: clusters survive or die whole, then synapses individually.
 
@@ -194,6 +218,10 @@ def sample_offspring(
     kernel granularity a tied class survives or dies by one draw (the first member's random number, at
     the mean of its members' probabilities), and a member of a surviving class that the synapse draw
     emptied gets back its most probable parent synapse: tied channels live or die as one.
+
+    ``reference_masks`` (several parents: the fittest parent's masks, ``parent_masks`` being the union of
+    all of theirs) are what a survival rate is met against: the offspring keeps F times the fittest
+    parent's living clusters and synapses, drawn from every parent's living ones.
     """
     missing = [name for name in dna if name not in parent_masks]
     if missing:
@@ -212,17 +240,30 @@ def sample_offspring(
     }
     living = {name: living_clusters(parent_masks[name], g) for name, g in granularity.items()}
     evolving = [name for name in granularity if name not in protected]
+    cluster_ref = synapse_ref = None
+    if reference_masks is not None:
+        cluster_ref = {
+            name: int(living_clusters(reference_masks[name], granularity[name]).sum()) for name in evolving
+        }
+        synapse_ref = {name: float(reference_masks[name].sum()) for name in dna}
+        # the synapse draw thins the clusters that survive, drawn already against the reference's count:
+        # its rate is the reference's synapses per living cluster against the union's
+        for name, count in cluster_ref.items():
+            if count:
+                synapse_ref[name] *= float(living[name].sum()) / count
     cluster_p = env.effective(
         "cluster",
         {name: dna[name].cluster for name in evolving},
         {name: living[name] for name in evolving},
         generation,
+        cluster_ref,
     )
     synapse_p = env.effective(
         "synapse",
         {name: layer.synapse for name, layer in dna.items()},
         {name: parent_masks[name] for name in dna},
         generation,
+        synapse_ref,
     )
     tied = {
         name: ids

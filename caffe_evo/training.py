@@ -23,7 +23,15 @@ from caffe_evo import atomic, batchnorm, masking, precision
 from caffe_evo.caffe_env import caffe_pb2, check_nets_build, load_caffe
 from caffe_evo.detection.task import DetectionTask
 from caffe_evo.errors import CaffeEvoError
-from caffe_evo.recipe import DEPLOY_FILE, SOLVER_FILE, TRAIN_VAL_FILE, Recipe, parse_prototxt, to_prototxt
+from caffe_evo.recipe import (
+    DEPLOY_FILE,
+    SOLVER_FILE,
+    TRAIN_VAL_FILE,
+    Recipe,
+    parse_prototxt,
+    set_solver_fields,
+    to_prototxt,
+)
 from caffe_evo.stress import StressSignal
 from caffe_evo.weights import check_matches, read_caffemodel
 
@@ -133,23 +141,34 @@ def run_solver(
     """Step the solver ``iterations`` times; return the loss curve and the pure solver time in seconds."""
     curve: list[tuple[int, float]] = []
     solver_seconds = 0.0
-    bar = tqdm(total=iterations, desc=description, unit="it", disable=not progress, leave=False)
     done = 0
-    while done < iterations:
-        chunk = min(_STEP_CHUNK, iterations - done)
-        start = time.perf_counter()
-        solver.step(chunk)
-        solver_seconds += time.perf_counter() - start
-        done += chunk
-        loss = sum(float(solver.net.blobs[name].data) for name in loss_names)
-        if not math.isfinite(loss):
-            bar.close()
-            raise CaffeEvoError(f"training diverged: loss is {loss} at iteration {solver.iter}")
-        curve.append((solver.iter, loss))
-        bar.set_postfix(loss=f"{loss:.4f}")
-        bar.update(chunk)
-    bar.close()
+    with tqdm(total=iterations, desc=description, unit="it", disable=not progress, leave=False) as bar:
+        while done < iterations:
+            chunk = min(_STEP_CHUNK, iterations - done)
+            start = time.perf_counter()
+            solver.step(chunk)
+            solver_seconds += time.perf_counter() - start
+            done += chunk
+            loss = sum(float(solver.net.blobs[name].data) for name in loss_names)
+            if not math.isfinite(loss):
+                raise CaffeEvoError(f"training diverged: loss is {loss} at iteration {solver.iter}")
+            curve.append((solver.iter, loss))
+            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.update(chunk)
     return curve, solver_seconds
+
+
+def check_bn_batches(batches: int) -> None:
+    """For training and for a run's configuration, which checks it before anything trains."""
+    if batches < 0:
+        raise CaffeEvoError(f"--bn-batches must be 0 (off) or more, got {batches}")
+
+
+def _timed_tests(solver: Any, recipe: Recipe) -> tuple[dict[str, dict[str, float]], float]:
+    """:func:`test_all` and the seconds it took."""
+    started = time.perf_counter()
+    results = test_all(solver, recipe)
+    return results, time.perf_counter() - started
 
 
 def train(
@@ -167,8 +186,7 @@ def train(
     precision.check_choice(options.precision)
     if options.max_iter is not None and options.max_iter <= 0:
         raise CaffeEvoError(f"--iters must be positive, got {options.max_iter}")
-    if options.bn_batches < 0:
-        raise CaffeEvoError(f"--bn-batches must be 0 (off) or more, got {options.bn_batches}")
+    check_bn_batches(options.bn_batches)
     caffe = load_caffe(options.verbose)
     overrides = dict(options.solver_overrides)
     if options.max_iter is not None:
@@ -177,7 +195,15 @@ def train(
         overrides["random_seed"] = options.seed
     # caffe-evo tests once at the end; Caffe's periodic testing would only repeat that work silently.
     overrides.update(test_interval=2**31 - 1, test_initialization=False, snapshot=0, display=0)
-    max_iter = overrides.get("max_iter", recipe.solver.max_iter)
+    resolved = caffe_pb2().SolverParameter()
+    resolved.CopyFrom(recipe.solver)
+    set_solver_fields(resolved, overrides)  # a bad override is one line here, before anything is written
+    max_iter = resolved.max_iter
+    if max_iter < 1:
+        raise CaffeEvoError(
+            f"recipe {recipe.name}: max_iter must be positive, got {max_iter} (from its solver, or the "
+            "solver overrides)"
+        )
 
     with atomic.atomic_path(out, directory=True) as work:
         setup_started = time.perf_counter()
@@ -221,13 +247,18 @@ def train(
         if gradient_mask is not None and (bad := masking.violations(solver.net, masks)):
             raise RuntimeError(f"masked training left {bad} pruned parameters non-zero")
         bn = batchnorm.reestimate(solver.net, options.bn_batches)
-        eval_started = time.perf_counter()
+        eval_seconds = 0.0  # the test nets' passes alone, not the restriction, snapshot or export between
         restricted: dict[str, Any] = {}
         if options.precision != "fp32":
-            unrestricted = test_all(solver, recipe)
+            unrestricted, eval_seconds = _timed_tests(solver, recipe)
             _snapshot(solver, work, recipe)  # the fp32 network, kept should the restriction fail
             try:
                 report = precision.restrict_net(solver.net, options.precision)
+                if bn is not None:
+                    # the statistics were taken with the fp32 weights; the restricted network computes
+                    # with the rounded ones, so they are taken again from it, then rounded themselves
+                    bn = bn.plus(batchnorm.reestimate(solver.net, options.bn_batches))
+                    report = report.plus(precision.restrict_net(solver.net, options.precision))
             except CaffeEvoError as exc:
                 kept = _keep_trained(work, out, recipe, overrides)
                 raise CaffeEvoError(
@@ -243,8 +274,8 @@ def train(
                     for key, value in res.items()
                 },
             }
-        results = test_all(solver, recipe)
-        eval_seconds = time.perf_counter() - eval_started
+        results, seconds = _timed_tests(solver, recipe)
+        eval_seconds += seconds
         _snapshot(solver, work, recipe)
         _relocate_solverstate(work / SOLVERSTATE_FILE, out / WEIGHTS_FILE)
         recipe.write_resolved(work, out, **overrides)

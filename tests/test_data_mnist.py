@@ -108,3 +108,27 @@ def test_cli_reports_one_line_and_writes_nothing(tmp_path: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("caffe-evo: ") and "file not found" in lines[0]
     assert not (tmp_path / "data" / "mnist").exists()
+
+
+@pytest.mark.parametrize("dataset", ["fashion32", "fashion96", "digit-scenes", "trees"])
+def test_val_size_is_refused_where_the_splits_are_fixed(tmp_path: Path, dataset: str) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "caffe_evo.cli",
+            "data",
+            dataset,
+            "--val-size",
+            "100",
+            "--data-root",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"caffe-evo: --val-size applies to mnist, fashion-mnist, cifar10, stl10; {dataset} has fixed splits\n"
+    )
+    assert list(tmp_path.iterdir()) == []

@@ -297,7 +297,7 @@ def test_existing_run_folder_is_refused(uninterrupted: Path, small_recipe: Path,
         ("layer_factors: [conv1]\n", "layer_factors must map layer names to levels"),
         ("offspring_solver: {lr_polcy: poly}\n", "solver option lr_polcy: 'poly' is not valid"),
         ("solver_overrides: {max_iter: many}\n", "solver option max_iter: 'many' is not valid"),
-        ("offspring_solver: poly\n", "solver overrides must map SolverParameter fields to values"),
+        ("offspring_solver: poly\n", "configuration offspring_solver: expected dict[str, Any], got 'poly'"),
     ],
 )
 def test_bad_config_file(lenet5_dir: Path, data_root: Path, tmp_path: Path, text: str, message: str) -> None:
@@ -323,3 +323,39 @@ def test_the_recipes_evolution_config_is_valid(lenet5_dir: Path, data_root: Path
     )
     assert set(environment.layer_cluster) == {"conv1", "conv2"} and environment.cluster.at(13) == 0.78
     assert config.generations == 13 and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "text, options, message",
+    [
+        (b"accuracy_floor: high\n", [], "configuration accuracy_floor: expected float | None, got 'high'"),
+        (b"ancestor_iters: 1.5\n", [], "configuration ancestor_iters: expected int | None, got 1.5"),
+        (b"data_root: 7\n", [], "configuration data_root: expected str | None, got 7"),
+        (b"layers: conv1\n", [], "configuration layers: expected list[str] | None, got 'conv1'"),
+        (b"layers: [1]\n", [], "configuration layers: expected list[str] | None, got [1]"),
+        (b"recipe: 5\n", None, "configuration recipe: expected str, got 5"),
+        (b"encoding: cluster\n", [], "configuration encoding: expected a mapping, got 'cluster'"),
+        (b"encoding: cluster\n", ["--granularity", "kernel"], "configuration encoding: expected a mapping"),
+        (
+            b"layer_factors: {conv1: 0.9}\n",
+            ["--layer-factor", "conv1:cluster=0.9"],
+            "layer factor for 'conv1' must give synapse and/or cluster factors, got 0.9",
+        ),
+        (b"layers: []\n", [], "--layers must name at least one layer"),
+        (b"seed: 1\n", ["--layers", ""], "--layers must name at least one layer"),
+        (b"generations: \xff\n", [], "not a UTF-8 text file (invalid start byte at byte 13)"),
+    ],
+)
+def test_config_values_of_the_wrong_type(
+    lenet5_dir: Path, tmp_path: Path, text: bytes, options: list[str] | None, message: str
+) -> None:
+    """A --config file (or option) whose value has the wrong type is one line, before anything is written."""
+    config = tmp_path / "bad.yaml"
+    config.write_bytes(text)
+    out = tmp_path / "run"
+    recipe = ["--recipe", str(lenet5_dir)] if options is not None else []
+    result = _cli("evolve", *recipe, "--config", str(config), "--out", str(out), *(options or []))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("caffe-evo: ") and message in lines[0], lines
+    assert not out.exists()

@@ -192,3 +192,17 @@ def test_ray_retries_a_dead_worker_then_fails_cleanly(tmp_path: Path) -> None:
             pool.map(_die, [1])
     finally:
         pool.close()
+
+
+def test_ray_without_an_address_says_what_failed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No --ray-address: Ray starts a local instance, or joins $RAY_ADDRESS when that is set."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "file" / "ray"))  # no folder can be made there
+    (tmp_path / "file").write_text("")
+    with pytest.raises(
+        CaffeEvoError, match=r"^--executor ray: cannot start a local Ray instance \(.*Not a dir"
+    ):
+        make(ExecutorOptions("ray", workers=1))
+    monkeypatch.setenv("RAY_ADDRESS", "nonsense")
+    with pytest.raises(CaffeEvoError, match=r"^RAY_ADDRESS=nonsense: cannot join the Ray cluster \(Invalid"):
+        make(ExecutorOptions("ray", workers=1))

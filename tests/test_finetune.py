@@ -15,6 +15,7 @@ from conftest import short_eval_recipe
 from caffe_evo import lineage, masking
 from caffe_evo.evolution import EvolutionConfig, read_params, start
 from caffe_evo.executors import ExecutorOptions
+from caffe_evo.finetune import finetune
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +89,20 @@ def test_finetune_bad_input(run: Path, tmp_path: Path) -> None:
         assert done.returncode == 2 and done.stderr.startswith(f"caffe-evo: {message}"), done.stderr
         assert "Traceback" not in done.stderr
     assert not list(run.glob(".*partial-*"))
+
+
+def test_finetune_reestimates_batchnorm_as_the_run_does(tmp_path: Path, data_root: Path) -> None:
+    config = EvolutionConfig(
+        recipe=str(Path(__file__).parent / "fixtures" / "resnet_mini"),
+        data_root=str(data_root),
+        generations=1,
+        population=1,
+        ancestor_iters=20,
+        iters_per_generation=10,
+        max_accuracy_drop=1.0,
+        bn_batches=3,
+        measure=False,
+    )
+    start(config, tmp_path / "run", progress=False, executor=ExecutorOptions(workers=1)).run()
+    metrics = finetune(tmp_path / "run" / "gen_001", 10, progress=False)
+    assert metrics["batchnorm_reestimation"]["batches"] == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import RECIPES
+from conftest import RECIPES, short_eval_recipe
 
 from caffe_evo import lineage, masking
 from caffe_evo.caffe_env import load_caffe
@@ -174,3 +175,25 @@ def test_stress_restores_through_the_blobs_not_views(tmp_path: Path, data_root: 
     signal.on_gradients_ready()
     for name in masks:
         np.testing.assert_array_equal(net.params[name][0].data, original[name])
+
+
+def test_recipe_without_test_stage_is_refused_before_training(tmp_path: Path, data_root: Path) -> None:
+    recipe = _recipe_copy(tmp_path, 'stage: "test"', 'stage: "final"', (SOLVER_FILE, TRAIN_VAL_FILE))
+    with pytest.raises(CaffeEvoError, match="no test net of stage test") as refused:
+        start(_config(recipe, data_root), tmp_path / "run")
+    assert "\n" not in str(refused.value) and not (tmp_path / "run").exists()
+
+
+def test_a_run_started_with_relative_paths_resumes_from_another_folder(
+    tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, other = tmp_path / "first", tmp_path / "other"
+    short_eval_recipe(first / "lenet5")
+    other.mkdir()
+    monkeypatch.chdir(first)
+    start(_config(Path("lenet5"), Path(os.path.relpath(data_root))), Path("run"), progress=False).run()
+    stored = json.loads((first / "run" / lineage.RUN_FILE).read_text())["config"]
+    assert stored["recipe"] == str(first.resolve() / "lenet5") and stored["data_root"] == str(data_root)
+    monkeypatch.chdir(other)
+    history = resume(first / "run", progress=False, changes={"generations": 2}).run()
+    assert [m["generation"] for m in history] == [0, 1, 2]

@@ -90,6 +90,37 @@ def test_heredity_with_two_parents() -> None:
     assert only_second > 0  # the second parent's synapses do reach the offspring
 
 
+def test_the_survival_rate_is_met_against_the_fittest_parent() -> None:
+    """Drawn from the union of two parents' masks, the offspring keeps F times the fittest parent's
+    clusters and synapses, not F times the union's (which would shrink the lineage more slowly)."""
+    rng = np.random.default_rng(5)
+    weights = {"conv": rng.normal(size=(40, 8, 3, 3)), "ip": rng.normal(size=(10, 40))}
+    parents = [{name: rng.random(w.shape) < 0.5 for name, w in weights.items()} for _ in range(2)]
+    for masks in parents:  # each parent lost 30% of the conv's kernels: the union holds about 51% more
+        masks["conv"][rng.random(40) < 0.3] = False
+    config = EncodingConfig()
+    dnas = [encode(weights, masks, config, frozenset({"ip"})) for masks in parents]
+    dna, union = combine_parents(dnas, parents, "mean")
+    env = Environment(Factor((0.8,)), Factor((0.7,)))
+    fittest = parents[0]["conv"]
+    counts: dict[bool, list[tuple[int, int]]] = {False: [], True: []}
+    for seed in range(40):
+        for against in (False, True):
+            reference = {name: parents[0][name] for name in weights} if against else None
+            draw = np.random.default_rng(seed)
+            child = sample_offspring(dna, union, env, 1, draw, frozenset({"ip"}), reference_masks=reference)
+            child = child["conv"]
+            counts[against].append((int(child.reshape(40, -1).any(axis=1).sum()), int(child.sum())))
+    kernels, synapses = (np.mean([c[i] for c in counts[True]]) for i in (0, 1))
+    assert kernels == pytest.approx(0.7 * fittest.reshape(40, -1).any(axis=1).sum(), rel=0.06)
+    # the surviving kernels are the strong ones, which hold more synapses than the average kernel: the
+    # synapse count is near F_c * F_s of the fittest parent's, not exact
+    assert synapses == pytest.approx(0.7 * 0.8 * fittest.sum(), rel=0.12)
+    union_kernels, union_synapses = (np.mean([c[i] for c in counts[False]]) for i in (0, 1))
+    assert union_kernels == pytest.approx(0.7 * union["conv"].reshape(40, -1).any(axis=1).sum(), rel=0.06)
+    assert union_kernels > 1.3 * kernels and union_synapses > 1.6 * synapses
+
+
 def test_fitness_metric_floor_and_efficiency_penalty() -> None:
     big = {"val_accuracy": 0.990, "synapses": 1000, "attempt": 0, "candidate": 0}
     small = {"val_accuracy": 0.985, "synapses": 500, "attempt": 0, "candidate": 1}
@@ -169,3 +200,59 @@ def test_cli_family_tree_and_bad_parents(two_parent_run: Path, tmp_path: Path) -
         and bad.stderr == "caffe-evo: --parents must be between 1 and the population (2), got 3\n"
     )
     assert not (tmp_path / "r").exists()
+
+
+def test_lineage_into_a_closed_pipe_is_quiet(two_parent_run: Path) -> None:
+    """`caffe-evo lineage RUN | head`: the reader leaving early is no error to report."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "caffe_evo.cli", "lineage", str(two_parent_run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    child.stdout.close()  # before the child has imported anything, so its first write finds no reader
+    stderr = child.stderr.read().decode()
+    assert child.wait(timeout=60) == 141 and stderr == ""
+
+
+def test_mate_takes_a_revived_maps_batchnorm_and_scale_from_the_parent_that_has_it() -> None:
+    """Map 2 is dead in the fittest parent (its BatchNorm statistics and Scale parameters 0) and alive in
+    the second: it comes with the second's Scale values, and with its statistics rescaled to the fittest
+    parent's stored factor, so that Caffe's mean (sum / factor) is the second parent's."""
+    from google.protobuf import text_format
+
+    from caffe_evo.caffe_env import caffe_pb2
+
+    deploy = text_format.Parse(
+        """
+        layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" }
+        layer { name: "bn" type: "BatchNorm" bottom: "conv" top: "conv" }
+        layer { name: "scale" type: "Scale" bottom: "conv" top: "conv" }
+        layer { name: "ip" type: "InnerProduct" bottom: "conv" top: "ip" }
+        """,
+        caffe_pb2().NetParameter(),
+    )
+
+    def parent(name: str, alive: list[bool], bn: list[list[float]], scale: list[list[float]]) -> Parent:
+        conv = np.array([[1.0, 2.0] if a else [0.0, 0.0] for a in alive])
+        params = {
+            "conv": [conv, conv[:, 0].copy()],
+            "bn": [np.array(blob, np.float32) for blob in bn],
+            "scale": [np.array(blob, np.float32) for blob in scale],
+            "ip": [np.ones((2, 3)), np.ones(2)],
+        }
+        return Parent(1, Path(name), params, {"conv": conv != 0, "ip": np.ones((2, 3), bool)}, [name])
+
+    fittest = parent("a", [T, T, F], [[1, 2, 0], [3, 4, 0], [2]], [[0.5, 0.6, 0], [0.1, 0.2, 0]])
+    second = parent("b", [T, F, T], [[10, 20, 30], [40, 50, 60], [4]], [[7, 8, 9], [1, 2, 3]])
+    mated = Parent.mate([fittest, second], deploy)
+    mean, variance, factor = mated.params["bn"]
+    assert mean.tolist() == [1, 2, 15] and variance.tolist() == [3, 4, 30] and factor.tolist() == [2]
+    assert mean[2] / factor[0] == 30 / 4 and variance[2] / factor[0] == 60 / 4
+    gamma, beta = mated.params["scale"]
+    np.testing.assert_array_equal(gamma, np.float32([0.5, 0.6, 9]))
+    np.testing.assert_array_equal(beta, np.float32([0.1, 0.2, 3]))
+    assert fittest.params["bn"][0].tolist() == [1, 2, 0]  # the parents are not changed
+    # statistics stored with a factor of 0 are 0 to Caffe: the revived map's are 0 as well
+    unset = parent("c", [T, F, T], [[10, 20, 30], [40, 50, 60], [0]], [[7, 8, 9], [1, 2, 3]])
+    mean, variance, _ = Parent.mate([fittest, unset], deploy).params["bn"]
+    assert mean.tolist() == [1, 2, 0] and variance.tolist() == [3, 4, 0]

@@ -58,6 +58,38 @@ def test_one_draw_per_tied_class() -> None:
     assert split > 10 and tied == 0
 
 
+def test_the_stress_removes_tied_classes_whole() -> None:
+    """The stress anticipates the next offspring, so its draw is per tied class as synthesis's is."""
+    from caffe_evo.caffe_env import load_caffe
+    from caffe_evo.encoding import EncodingConfig
+    from caffe_evo.stress import StressConfig, StressSignal
+
+    caffe = load_caffe()
+    caffe.set_random_seed(0)
+    net = caffe.Net(str(RESNET_MINI / "deploy.prototxt"), caffe.TEST)
+    ties = tied_channels(RESNET_MINI / "deploy.prototxt", LAYERS)
+    masks = {name: np.ones(net.params[name][0].data.shape, bool) for name in LAYERS}
+    env = Environment(synapse=Factor((0.9,)), cluster=Factor((0.5,)))
+    split = {}
+    for with_ties in (False, True):
+        split[with_ties] = 0
+        for seed in range(10):
+            signal = StressSignal(
+                StressConfig("cluster", (0.0,), 1),
+                EncodingConfig(level="cluster"),
+                env,
+                1,
+                masks,
+                frozenset({"fc"}),
+                np.random.default_rng(seed),
+                ties if with_ties else {},
+            )
+            signal._net = net
+            removed = signal._removal()
+            split[with_ties] += not tied_consistent({n: masks[n] & ~removed[n] for n in LAYERS}, ties)
+    assert split[False] > 5 and split[True] == 0
+
+
 @pytest.mark.parametrize("encoding", ["weights", "bn_folded"])
 def test_two_generations_stay_tied_and_compact_exactly(
     encoding: str, data_root: Path, tmp_path: Path

@@ -137,3 +137,57 @@ def test_caffe_log_only_with_verbose(lenet5: Path, data_root: Path, tmp_path: Pa
     assert quiet.returncode == 0 and loud.returncode == 0
     assert "Initializing solver" not in quiet.stderr
     assert "Initializing solver" in loud.stderr
+
+
+def test_a_resolved_max_iter_below_one_is_refused(lenet5: Path, data_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(CaffeEvoError, match="recipe lenet5: max_iter must be positive, got 0"):
+        train(Recipe.load(lenet5, data_root), out, TrainOptions(solver_overrides={"max_iter": 0}))
+    unset = tmp_path / "unset"  # Caffe's default max_iter is 0
+    shutil.copytree(lenet5, unset)
+    solver = unset / "solver.prototxt"
+    solver.write_text("".join(line for line in solver.read_text().splitlines(True) if "max_iter" not in line))
+    result = _cli("train", "--recipe", str(unset), "--data-root", str(data_root), "--out", str(out))
+    _assert_one_line_error(result, "recipe unset: max_iter must be positive, got 0")
+    assert not out.exists() and no_partials(tmp_path)
+
+
+def test_the_progress_bar_is_closed_when_a_step_fails(lenet5: Path, data_root: Path, tmp_path: Path) -> None:
+    from tqdm import tqdm
+
+    from caffe_evo.training import run_solver
+
+    solver = load_caffe().get_solver(str(Recipe.load(lenet5, data_root).write_resolved(tmp_path)))
+    open_bars = len(tqdm._instances)
+    with pytest.raises(KeyError) as failed:  # its traceback keeps the failed call's bar referenced
+        run_solver(solver, 2, ["no_such_loss"], progress=True, description="fails")
+    assert failed.value.args == ("no_such_loss",) and len(tqdm._instances) == open_bars
+    del failed, solver  # now: a solver alive when the next test opens the same LMDBs would block it
+
+
+def test_fp16_eval_seconds_time_the_test_nets_alone(data_root: Path, tmp_path: Path) -> None:
+    """Between an fp16 run's two evaluations lie the restriction, a second BatchNorm re-estimation, a
+    snapshot and the export; eval_seconds holds the evaluations only."""
+    recipe = tmp_path / "bn_small"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "bn_small", recipe)
+    solver = recipe / "solver.prototxt"
+    solver.write_text(solver.read_text().replace("test_iter: 20", "test_iter: 1"))
+    options = TrainOptions(max_iter=1, precision="fp16", bn_batches=40, progress=False)
+    metrics = train(Recipe.load(recipe, data_root), tmp_path / "run", options)
+    reestimation = metrics["batchnorm_reestimation"]
+    assert reestimation["batches"] == 80
+    # two evaluations of one batch of 100 images, against a second re-estimation of 40 batches of 64
+    assert 0 < metrics["eval_seconds"] < reestimation["seconds"] / 4
+
+
+def test_bn_batches_are_checked_alike_for_training_and_runs(
+    lenet5: Path, data_root: Path, tmp_path: Path
+) -> None:
+    from caffe_evo.evolution import EvolutionConfig
+
+    message = r"--bn-batches must be 0 \(off\) or more, got -1"
+    with pytest.raises(CaffeEvoError, match=message):
+        train(Recipe.load(lenet5, data_root), tmp_path / "out", TrainOptions(bn_batches=-1))
+    with pytest.raises(CaffeEvoError, match=message):
+        EvolutionConfig(recipe=str(lenet5), bn_batches=-1).validate()
+    assert not (tmp_path / "out").exists()
