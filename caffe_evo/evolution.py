@@ -681,11 +681,8 @@ class Evolution:
         weights, masks = parent.of_layers(self.evolving)
         method = self.config.method
         if method == "evolution":
-            reference = None
-            if parent.fittest_masks is not None:
-                reference = {name: parent.fittest_masks[name] for name in self.evolving}
             return sample_offspring(
-                dna, masks, self.environment, generation, rng, self.protected, self.ties, reference
+                dna, masks, self.environment, generation, rng, self.protected, self.ties, parent.fittest_masks
             )
         if method == "magnitude":
             return baselines.magnitude_masks(
