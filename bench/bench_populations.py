@@ -10,7 +10,8 @@ comma-separated extra options, run one after the other (so that each has the mac
 and resumed where a previous call stopped. Prints per lineage: wall time, the last generation's synaptic
 and cluster efficiency and validation/test accuracy against the ancestor's, and one MD5 over every mask
 and parameter file of the lineage, so that runs differing only in their executor can be checked for a
-bit-identical lineage.
+bit-identical lineage. With ``--finetune ITERS`` the last generation is also fine-tuned (`caffe-evo
+finetune`, skipped where done already) and gets a row of its own, named ``NAME+ftITERS``.
 """
 
 from __future__ import annotations
@@ -45,12 +46,40 @@ def lineage_md5(run: Path) -> str:
     return digest.hexdigest()
 
 
+def _row(name: str, options: str, code: int, wall: str, first: dict, last: dict, md5: str) -> str:
+    return (
+        f"| {name} | `{options}` | {code} | {wall} | {last['generation']} "
+        f"| {last['synaptic_efficiency']:.2f}x | {last['cluster_efficiency']:.2f}x "
+        f"| {100 * (last['val_accuracy'] - first['val_accuracy']):+.2f} "
+        f"| {100 * (last['test_accuracy'] - first['test_accuracy']):+.2f} | `{md5}` |"
+    )
+
+
+def _finetuned(
+    name: str, options: str, run: Path, generation: int, iters: int, first: dict, env: dict[str, str]
+) -> str:
+    """Fine-tune the generation (unless done before) and its row."""
+    source = lineage.generation_dir(run, generation)
+    tuned = lineage.finetune_dir(source, iters)
+    started = time.perf_counter()
+    code = 0
+    if not (tuned / lineage.METRICS_FILE).is_file():
+        command = ["finetune", str(source), "--iters", str(iters), "--no-progress"]
+        code = subprocess.run([sys.executable, "-m", "caffe_evo.cli", *command], env=env).returncode
+    if code:
+        return f"| {name}+ft{iters} | `{options}` | {code} | | | | | | | |"
+    metrics = lineage.read_json(tuned / lineage.METRICS_FILE)
+    wall = f"{time.perf_counter() - started:.0f} s"
+    return _row(f"{name}+ft{iters}", options, code, wall, first, metrics, "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ancestor", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--generations", type=int, default=13)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--finetune", type=int, metavar="ITERS", help="also fine-tune the last generation")
     parser.add_argument("runs", nargs="+", help="NAME:--option=value,--option=value")
     args = parser.parse_args()
     env = {**os.environ, "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS", "1")}
@@ -75,13 +104,20 @@ def main() -> None:
         history = lineage.generations(run)
         first, last = history[0], history[-1]
         rows.append(
-            f"| {name} | `{options}` | {done.returncode} | {wall:.0f} s (load {load:.1f} at start) "
-            f"| {last['generation']} | {last['synaptic_efficiency']:.2f}x "
-            f"| {last['cluster_efficiency']:.2f}x "
-            f"| {100 * (last['val_accuracy'] - first['val_accuracy']):+.2f} "
-            f"| {100 * (last['test_accuracy'] - first['test_accuracy']):+.2f} | `{lineage_md5(run)[:12]}` |"
+            _row(
+                name,
+                options,
+                done.returncode,
+                f"{wall:.0f} s (load {load:.1f} at start)",
+                first,
+                last,
+                lineage_md5(run)[:12],
+            )
         )
         print(rows[-1], flush=True)
+        if args.finetune and done.returncode == 0:
+            rows.append(_finetuned(name, options, run, last["generation"], args.finetune, first, env))
+            print(rows[-1], flush=True)
     print("| run | options | exit | wall | gen | synaptic eff. | cluster eff. | val (points) | test (points) "
           "| lineage md5 |")  # fmt: skip
     print("|" + "---|" * 10)

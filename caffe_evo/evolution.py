@@ -604,7 +604,7 @@ class Evolution:
                 if len(parents) == 1:
                     dna = dnas[0]
                 else:
-                    dna, _ = combine_parents(
+                    dna = combine_parents(
                         dnas, [p.of_layers(self.evolving)[1] for p in parents], self.config.mating
                     )
             # older generations are done

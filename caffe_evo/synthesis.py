@@ -327,21 +327,18 @@ def check_mating(rule: str) -> None:
         raise CaffeEvoError(f"unknown --mating rule {rule!r}; choose from {', '.join(MATING_RULES)}")
 
 
-def combine_parents(
-    dnas: list[dict[str, LayerDNA]], masks: list[Masks], rule: str
-) -> tuple[dict[str, LayerDNA], Masks]:
-    """The offspring's DNA and hereditary mask from the DNAs and masks of m parents.
+def combine_parents(dnas: list[dict[str, LayerDNA]], masks: list[Masks], rule: str) -> dict[str, LayerDNA]:
+    """The offspring's DNA from the DNAs of m parents (``masks``: theirs, to check that they align).
 
     All parents descend from one ancestor, so their clusters and synapses align by index. A parent's
     dead synapse or cluster has probability 0 in its DNA and takes part in the rule as such. The
-    hereditary mask is the union of the parents' masks: a synapse dead in every parent stays dead.
+    hereditary mask, the union of the parents' masks, is :meth:`caffe_evo.evolution.Parent.mate`'s.
     """
     check_mating(rule)
     if not dnas or len(dnas) != len(masks):
         raise CaffeEvoError(f"mating needs one mask per parent DNA, got {len(dnas)} DNAs, {len(masks)} masks")
     combine = {"mean": np.mean, "max": np.max, "min": np.min}[rule]
     offspring: dict[str, LayerDNA] = {}
-    union: Masks = {}
     for name, first in dnas[0].items():
         layers = [dna[name] for dna in dnas]
         shapes = {layer.synapse.shape for layer in layers} | {m[name].shape for m in masks}
@@ -351,5 +348,4 @@ def combine_parents(
         if first.cluster is not None:
             cluster = combine(np.stack([layer.cluster for layer in layers]), axis=0)
         offspring[name] = LayerDNA(combine(np.stack([layer.synapse for layer in layers]), axis=0), cluster)
-        union[name] = np.logical_or.reduce([m[name] for m in masks])
-    return offspring, union
+    return offspring
