@@ -102,6 +102,10 @@ def main() -> None:
         done = subprocess.run([sys.executable, "-m", "caffe_evo.cli", "evolve", *command], env=env)
         wall = time.perf_counter() - started
         history = lineage.generations(run)
+        if not history:  # it failed before its ancestor was in place (its own message says why)
+            rows.append(f"| {name} | `{options}` | {done.returncode} | | | | | | | |")
+            print(rows[-1], flush=True)
+            continue
         first, last = history[0], history[-1]
         rows.append(
             _row(

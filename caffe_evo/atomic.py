@@ -2,12 +2,14 @@
 
 Files and directories are written beside their final path under a ``.partial-`` name and renamed into
 place only when complete; a crash or ``kill -9`` leaves at most a ``.partial-`` leftover, which the next
-run ignores and removes.
+run ignores and removes. Leftovers are removed by whoever writes the same name next, so a folder written to
+by one driver at a time is held under :func:`exclusive`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -63,6 +65,32 @@ def remove_partials(parent: Path, name: str) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
         else:
             leftover.unlink(missing_ok=True)
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def exclusive(folder: Path, what: str) -> Iterator[None]:
+    """Hold ``folder`` for this process: a second holder is refused with a clear error, not let in to
+    delete the first one's partial writes. The lock is the kernel's (flock), so it ends with the process,
+    ``kill -9`` included, and a resume after a crash finds the folder free."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK_FILE
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise CaffeEvoError(
+                f"{folder}: {what} is in use by another process (pid {holder}); wait for it or stop it first"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 @contextlib.contextmanager

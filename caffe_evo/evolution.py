@@ -742,10 +742,10 @@ class Evolution:
         # Before anything is written or trained, so that an unreachable cluster costs nothing.
         self._pool = executors.make(self.executor)
         try:
-            if not run_file.is_file():
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                atomic.write_json(run_file, {"config": self.config.to_json(), "versions": _versions()})
-            return self._run(on_generation)
+            with atomic.exclusive(self.run_dir, "the run"):
+                if not run_file.is_file():
+                    atomic.write_json(run_file, {"config": self.config.to_json(), "versions": _versions()})
+                return self._run(on_generation)
         finally:
             self._pool.close()
             self._pool = None
@@ -825,5 +825,6 @@ def resume(
     config = EvolutionConfig.from_json(stored["config"]).resumed(changes or {})
     evolution = Evolution(config, run, progress, executor)
     if config.to_json() != stored["config"]:
-        atomic.write_json(run / lineage.RUN_FILE, {**stored, "config": config.to_json()})
+        with atomic.exclusive(run, "the run"):
+            atomic.write_json(run / lineage.RUN_FILE, {**stored, "config": config.to_json()})
     return evolution

@@ -142,6 +142,29 @@ def test_killed_driver_takes_its_workers_along_and_resumes(
     assert not list(run.rglob("*.partial-*"))
 
 
+def test_a_second_driver_is_refused_until_the_first_dies(
+    one_worker: Path, config_json: dict, tmp_path: Path
+) -> None:
+    """Two drivers on one run folder would delete each other's partial writes: the second is refused while
+    the first lives, and a kill -9 of the first frees the folder for a resume."""
+    run = tmp_path / "run"
+    proc = _cli(config_json, run, tmp_path, "--workers", "1")
+    _when_training(proc, run / "candidates" / "gen_001")
+    second = subprocess.run(
+        [sys.executable, "-m", "caffe_evo.cli", "evolve", "--resume", str(run), "--no-progress"],
+        capture_output=True,
+        text=True,
+    )
+    assert second.returncode == 2
+    in_use = f"the run is in use by another process (pid {proc.pid}); wait for it or stop it first"
+    assert second.stderr == f"caffe-evo: {run}: {in_use}\n"
+    assert proc.poll() is None and list((run / "candidates" / "gen_001").glob(".a0_c*.partial-*"))
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resume(run, progress=False, executor=ExecutorOptions(workers=1)).run()
+    assert fingerprint(run) == fingerprint(one_worker)
+
+
 def _die_once(marker: str) -> int:
     """Kill this worker the first time, as the OOM killer would; succeed when retried."""
     if not Path(marker).exists():
