@@ -4,11 +4,11 @@ A task is small and picklable (a run folder and the candidate's coordinates); th
 needs from the lineage on disk and writes its candidate folder atomically, so the lineage does not depend
 on which worker trained what, nor on how many there are. Each worker loads the run once (its own Recipe,
 so its own ``Recipe.builds`` probe): no mutable state is shared between processes. One writer per
-candidate at a time: a task is retried only once the worker that ran it is dead (a broken local pool
-terminates all its workers; Ray retries a task only after its worker process has died), so a retry never
-shares a ``.partial-`` folder with a live writer. Local workers die with the driver
-(``PR_SET_PDEATHSIG``), so a killed driver leaves no orphan training a candidate that a resumed run
-trains again.
+candidate at a time: a task is retried only once the worker that ran it is dead (every worker of a broken
+local pool is killed, and its exit seen, before a fresh pool starts; Ray retries a task only after its
+worker process has died), so a retry never shares a ``.partial-`` folder with a live writer. Local
+workers die with the driver (``PR_SET_PDEATHSIG``), so a killed driver leaves no orphan training a
+candidate that a resumed run trains again.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from multiprocessing import get_context
+from multiprocessing import connection, get_context
 from typing import Any, Protocol, TypeVar
 
 from caffe_evo.errors import CaffeEvoError
@@ -112,32 +112,34 @@ class LocalExecutor:
         running: dict[Future, int] = {}
         while waiting or running:
             pool = self._start()
+            broken = False
             # Never more tasks in flight than workers, so "running" is what the workers train now.
             while waiting and len(running) < self.workers:
-                index = waiting.pop(0)
-                running[pool.submit(fn, tasks[index])] = index
-            if on_change is not None:
-                on_change([tasks[i] for i in running.values()], len(results))
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            broken = False
-            for future in finished:
-                index = running.pop(future)
                 try:
-                    results[index] = future.result()
-                except BrokenProcessPool:
+                    future = pool.submit(fn, tasks[waiting[0]])
+                except BrokenProcessPool:  # a worker died while idle: no task was lost with it
                     broken = True
-                    deaths[index] += 1
-                    waiting.insert(0, index)
+                    break
+                running[future] = waiting.pop(0)
+            if running and not broken:
+                if on_change is not None:
+                    on_change([tasks[i] for i in running.values()], len(results))
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    index = running.pop(future)
+                    try:
+                        results[index] = future.result()
+                    except BrokenProcessPool:
+                        broken = True
+                        deaths[index] += 1
+                        waiting.insert(0, index)
             if broken:
-                # The pool is unusable and terminates its workers: every task still in flight lost
-                # its worker too and runs again, in a fresh pool started only once shutdown(wait=True)
-                # has seen the old workers exit, so no retry shares a candidate with a live writer.
+                # Every task still in flight lost its worker too and runs again, in a fresh pool.
                 for index in running.values():
                     deaths[index] += 1
                     waiting.insert(0, index)
                 running.clear()
-                self._pool.shutdown(wait=True, cancel_futures=True)
-                self._pool = None
+                self._discard()
                 waiting.sort()
                 dead = [tasks[i] for i in waiting if deaths[i] > RETRIES]
                 if dead:
@@ -148,6 +150,19 @@ class LocalExecutor:
         if on_change is not None:
             on_change([], len(results))
         return [results[i] for i in range(len(tasks))]
+
+    def _discard(self) -> None:
+        """Forget a broken pool once every one of its workers has exited, so that no retry shares a
+        candidate with a live writer. The pool stops its workers itself, with SIGTERM, and its shutdown
+        then joins them and its queues' threads without bound; the guarantee rests here on SIGKILL, which
+        no worker can catch or delay, and on each worker's exit seen on its sentinel."""
+        pool, self._pool = self._pool, None
+        assert pool is not None
+        workers = list(pool._processes.values())  # the pool offers no public handle on its processes
+        for process in workers:
+            process.kill()
+        connection.wait([process.sentinel for process in workers])
+        pool.shutdown(wait=True, cancel_futures=True)  # its threads have nothing left to wait for
 
     def close(self) -> None:
         if self._pool is not None:

@@ -80,8 +80,22 @@ def _cli(config_json: dict, run: Path, tmp_path: Path, *options: str) -> subproc
     config.write_text(json.dumps(config_json))
     command = [sys.executable, "-m", "caffe_evo.cli", "evolve", "--config", str(config), "--out", str(run)]
     return subprocess.Popen(
-        [*command, "--no-progress", *options], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        [*command, "--no-progress", *options],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONFAULTHANDLER="1"),  # a hung driver shows its threads' stacks on SIGABRT
     )
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    """The driver's stderr once it exits; a driver that hangs is aborted and the test shows where."""
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        stacks = proc.communicate()[1]
+        pytest.fail(f"the driver hung for {timeout} s; its threads, as it was aborted:\n{stacks}")
 
 
 def _workers(pid: int) -> list[int]:
@@ -118,7 +132,7 @@ def test_killed_worker_is_retried(one_worker: Path, config_json: dict, tmp_path:
     victims = _workers(proc.pid)
     assert len(victims) == 2
     os.kill(victims[0], signal.SIGKILL)
-    _, err = proc.communicate(timeout=300)
+    err = _finish(proc)
     assert proc.returncode == 0, err
     assert fingerprint(run) == fingerprint(one_worker)
     assert not list(run.rglob("*.partial-*"))
@@ -184,6 +198,26 @@ def test_a_worker_that_keeps_dying_fails_cleanly(tmp_path: Path) -> None:
             pool.map(_die, [1, 2])
         assert time.monotonic() - started < 60  # never a hang
         assert pool.map(abs, [-3]) == [3]  # the executor stays usable
+    finally:
+        pool.close()
+
+
+def _pid(_: int) -> int:
+    return os.getpid()
+
+
+def test_a_worker_that_dies_while_idle_is_replaced() -> None:
+    """The OOM killer may pick a worker between two generations: the next map starts a fresh pool, and
+    no task is counted as lost."""
+    pool = LocalExecutor(2, {"OPENBLAS_NUM_THREADS": "1"})
+    try:
+        idle = pool.map(_pid, [0])[0]
+        os.kill(idle, signal.SIGKILL)  # the pool breaks and stops its other worker
+        deadline = time.monotonic() + 20
+        while _alive(idle):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert pool.map(abs, [-3, -4]) == [3, 4]
     finally:
         pool.close()
 
