@@ -121,7 +121,7 @@ class LocalExecutor:
                     broken = True
                     break
                 running[future] = waiting.pop(0)
-            if running and not broken:
+            if not broken:  # then at least one task is in flight
                 if on_change is not None:
                     on_change([tasks[i] for i in running.values()], len(results))
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)

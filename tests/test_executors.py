@@ -206,9 +206,9 @@ def _pid(_: int) -> int:
     return os.getpid()
 
 
-def test_a_worker_that_dies_while_idle_is_replaced() -> None:
+def test_a_worker_that_dies_while_idle_is_replaced(tmp_path: Path) -> None:
     """The OOM killer may pick a worker between two generations: the next map starts a fresh pool, and
-    no task is counted as lost."""
+    no task is counted as lost (a task that then dies once is still retried)."""
     pool = LocalExecutor(2, {"OPENBLAS_NUM_THREADS": "1"})
     try:
         idle = pool.map(_pid, [0])[0]
@@ -217,6 +217,7 @@ def test_a_worker_that_dies_while_idle_is_replaced() -> None:
         while _alive(idle):
             assert time.monotonic() < deadline
             time.sleep(0.05)
+        assert pool.map(_die_once, [str(tmp_path / "marker")])[0] > 0
         assert pool.map(abs, [-3, -4]) == [3, 4]
     finally:
         pool.close()
