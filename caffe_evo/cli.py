@@ -125,7 +125,7 @@ _RUN_OPTIONS = (
     "cluster_factor factor_mode factor_scope size_exponent init "
     "iters_per_generation ancestor ancestor_iters accuracy_floor max_accuracy_drop max_attempts layers "
     "data_root allow_python_layers precision stress_level stress_strength stress_period measure drop_unread "
-    "stand_in bn_batches parents mating fitness_metric fitness_penalty"
+    "stand_in bn_batches parents mating fitness_metric fitness_penalty fitness_size"
 ).split()
 
 
@@ -384,7 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--fitness", dest="fitness_metric", help="metrics.json key selection maximises (val_accuracy)"
     )
     evolve.add_argument(
-        "--fitness-penalty", type=_fraction, help="metric lost per doubling of synapses (default 0)"
+        "--fitness-penalty", type=_fraction, help="metric lost per doubling of --fitness-size (default 0)"
+    )
+    evolve.add_argument(
+        "--fitness-size", help="what the penalty counts: synapses (default) | clusters"
     )
     evolve.add_argument(
         "--executor", default="local", help="where candidates train: local (worker processes) | ray"

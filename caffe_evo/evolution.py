@@ -97,7 +97,8 @@ class EvolutionConfig:
     parents: int = 1
     mating: str = "mean"  # how the parents' probabilities combine (caffe_evo.synthesis.MATING_RULES)
     fitness_metric: str = "val_accuracy"  # the key of a candidate's metrics.json that selection maximises
-    fitness_penalty: float = 0.0  # > 0: that much of the metric is lost per doubling of the synapses
+    fitness_penalty: float = 0.0  # > 0: that much of the metric is lost per doubling of fitness_size
+    fitness_size: str = "synapses"  # what the penalty counts: "synapses" | "clusters"
     seed: int = 0
     encoding: EncodingConfig = field(default_factory=EncodingConfig)
     synapse_factor: str = "0.9"  # a value in (0, 1], or a per-generation schedule "0.9,0.8,0.7"
@@ -149,7 +150,7 @@ class EvolutionConfig:
         )
 
     def fitness(self) -> selection.Fitness:
-        return selection.Fitness(self.fitness_metric, self.fitness_penalty)
+        return selection.Fitness(self.fitness_metric, self.fitness_penalty, self.fitness_size)
 
     def stress(self) -> StressConfig:
         return StressConfig(

@@ -145,6 +145,13 @@ def test_fitness_metric_floor_and_efficiency_penalty() -> None:
         Fitness("val_mAP").rank([big], 0.0)
     with pytest.raises(CaffeEvoError, match="--fitness-penalty must be a non-negative number"):
         Fitness(penalty=-1.0)
+    # the penalty on clusters: fewer kernels outweigh 0.001 of accuracy though they hold more synapses
+    dense = {"val_accuracy": 0.990, "synapses": 800, "clusters": 40, "attempt": 0, "candidate": 0}
+    sparse = {"val_accuracy": 0.989, "synapses": 900, "clusters": 30, "attempt": 0, "candidate": 1}
+    assert Fitness(penalty=0.01).rank([sparse, dense], 0.9) == [dense, sparse]
+    assert Fitness(penalty=0.01, size="clusters").rank([dense, sparse], 0.9) == [sparse, dense]
+    with pytest.raises(CaffeEvoError, match="--fitness-size must be one of synapses, clusters"):
+        Fitness(size="kernels")
 
 
 @pytest.fixture(scope="module")
