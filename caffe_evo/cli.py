@@ -386,9 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     evolve.add_argument(
         "--fitness-penalty", type=_fraction, help="metric lost per doubling of --fitness-size (default 0)"
     )
-    evolve.add_argument(
-        "--fitness-size", help="what the penalty counts: synapses (default) | clusters"
-    )
+    evolve.add_argument("--fitness-size", help="what the penalty counts: synapses (default) | clusters")
     evolve.add_argument(
         "--executor", default="local", help="where candidates train: local (worker processes) | ray"
     )
