@@ -215,6 +215,10 @@ def test_cli_family_tree_and_bad_parents(two_parent_run: Path, tmp_path: Path) -
         bad.returncode == 2
         and bad.stderr == "caffe-evo: --parents must be between 1 and the population (2), got 3\n"
     )
+    size = _cli("evolve", "--recipe", str(recipe), "--out", str(tmp_path / "r"), "--fitness-size", "kernels")
+    assert size.returncode == 2 and size.stderr == (
+        "caffe-evo: --fitness-size must be one of synapses, clusters, got 'kernels'\n"
+    )
     assert not (tmp_path / "r").exists()
 
 
